@@ -1,0 +1,253 @@
+"""The `nmtkit` command: each subcommand parses flags into a config and calls a library function.
+
+stdout carries data (translations, scores, alignments); logs go to stderr. Exit codes: 0 ok,
+1 runtime failure, 2 usage error. Errors are one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from nmtkit.errors import NmtkitError, UsageError
+from nmtkit.registry import ATTENTIONS, BRIDGES, DECODERS, ENCODERS, WINDOWS
+import nmtkit.model  # noqa: F401,E402  (registers every component, for --help)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Recurrent sequence-to-sequence models with attention (Bahdanau 2015, Luong 2015).")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def friendly(command):
+    """Turn NmtkitError into a one-line message and exit code; quiet on a closed stdout pipe."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except NmtkitError as e:
+            log(f"nmtkit {command.__name__}: error: {e}")
+            raise typer.Exit(e.exit_code)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+            raise typer.Exit(0)
+        except KeyboardInterrupt:
+            log(f"nmtkit {command.__name__}: interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def names(registry) -> str:
+    return ", ".join(registry.names())
+
+
+def read_text_lines(path: Optional[Path], what: str) -> Iterator[str]:
+    """Lines of a file or stdin ('-' or None), lazily; invalid UTF-8 is replaced with a warning."""
+    if path is not None and str(path) != "-" and not path.is_file():
+        raise NmtkitError(f"{what} not found: {path}")
+    stream = sys.stdin.buffer if path is None or str(path) == "-" else open(path, "rb")
+    name = "stdin" if stream is sys.stdin.buffer else str(path)
+    for number, raw in enumerate(stream, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            log(f"nmtkit: warning: {name}:{number}: invalid UTF-8 replaced by U+FFFD")
+            line = raw.decode("utf-8", errors="replace")
+        yield line.rstrip("\r\n")
+
+
+def open_output(path: Optional[Path]):
+    return sys.stdout if path is None or str(path) == "-" else open(path, "w", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- preprocess
+
+@app.command()
+@friendly
+def preprocess(
+    src: str = typer.Option(..., help="source language suffix, e.g. en"),
+    tgt: str = typer.Option(..., help="target language suffix, e.g. de"),
+    train: str = typer.Option(..., help="training prefix: reads PREFIX.SRC and PREFIX.TGT (or .gz)"),
+    valid: str = typer.Option(..., help="validation prefix"),
+    out: Path = typer.Option(..., help="output data directory"),
+    test: Optional[str] = typer.Option(None, help="test prefix (optional)"),
+    vocab_size: int = typer.Option(8000, help="sentencepiece vocabulary size (per model)"),
+    joint: bool = typer.Option(True, "--joint/--separate", help="one subword model for both languages or one each"),
+    model_type: str = typer.Option("unigram", help="sentencepiece model: unigram, bpe, word, char"),
+    max_len: int = typer.Option(100, help="drop training/validation pairs longer than this (subwords)"),
+    errors: str = typer.Option("strict", help="invalid UTF-8: strict (error) or replace"),
+    force: bool = typer.Option(False, help="overwrite an existing data directory"),
+) -> None:
+    """Train subword models, encode, filter and binarize parallel text."""
+    from nmtkit.data import PreprocessOptions, preprocess as run
+
+    run(PreprocessOptions(src=src, tgt=tgt, train=train, valid=valid, out=out, test=test,
+                          vocab_size=vocab_size, joint=joint, model_type=model_type, max_len=max_len,
+                          errors=errors, force=force), log=log)
+
+
+# ----------------------------------------------------------------------------- train
+
+@app.command()
+@friendly
+def train(
+    data: Path = typer.Argument(..., help="directory written by 'nmtkit preprocess'"),
+    save: Path = typer.Option(..., help="run directory: best.pt, last.pt, metrics.jsonl"),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe (flags override it)"),
+    encoder: Optional[str] = typer.Option(None, help=f"encoder: {names(ENCODERS)} [birnn]"),
+    decoder: Optional[str] = typer.Option(None, help=f"decoder: {names(DECODERS)} [luong]"),
+    attention: Optional[str] = typer.Option(None, help=f"attention score: {names(ATTENTIONS)} [luong-general]"),
+    window: Optional[str] = typer.Option(None, help=f"attention window: {names(WINDOWS)} [global]"),
+    window_size: Optional[int] = typer.Option(None, help="D, half-width of local windows [10]"),
+    renormalize_window: Optional[bool] = typer.Option(None, "--renormalize-window/--no-renormalize-window",
+                                                      help="renormalise local-p weights [no, as Luong]"),
+    rnn: Optional[str] = typer.Option(None, help="lstm or gru [lstm]"),
+    layers: Optional[int] = typer.Option(None, help="stacked layers (encoder and decoder) [2]"),
+    hidden_size: Optional[int] = typer.Option(None, help="hidden size [256]"),
+    embed_size: Optional[int] = typer.Option(None, help="embedding size [256]"),
+    dropout: Optional[float] = typer.Option(None, help="dropout [0.3]"),
+    input_feed: Optional[bool] = typer.Option(None, "--input-feed/--no-input-feed", help="luong input feeding [on]"),
+    reverse_source: Optional[bool] = typer.Option(None, "--reverse-source/--no-reverse-source",
+                                                  help="read the source reversed (Luong '+reverse') [off]"),
+    bridge: Optional[str] = typer.Option(None, help=f"decoder initial state: auto, {names(BRIDGES)} [auto]"),
+    max_source_len: Optional[int] = typer.Option(None, help="luong-location: source positions [data max-len]"),
+    optimizer: Optional[str] = typer.Option(None, help="adam or sgd [adam]"),
+    lr: Optional[float] = typer.Option(None, help="learning rate [0.001]"),
+    lr_decay: Optional[float] = typer.Option(None, help="lr factor when valid ppl does not improve [0.5]"),
+    label_smoothing: Optional[float] = typer.Option(None, help="label smoothing [0]"),
+    clip_norm: Optional[float] = typer.Option(None, help="gradient norm clipping [5]"),
+    batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per batch [4096]"),
+    epochs: Optional[int] = typer.Option(None, help="epochs [10]"),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many updates [no limit]"),
+    seed: Optional[int] = typer.Option(None, help="random seed [1]"),
+    valid_every: Optional[int] = typer.Option(None, help="also validate every N updates [0: per epoch]"),
+    valid_bleu: Optional[bool] = typer.Option(None, "--valid-bleu/--no-valid-bleu", help="greedy BLEU at validation [on]"),
+    patience: Optional[int] = typer.Option(None, help="early stopping after N bad validations [0: off]"),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 [fp32]"),
+    set_: List[str] = typer.Option([], "--set", help="override any value: section.key=value (repeatable)"),
+    resume: bool = typer.Option(False, help="continue the run in --save from last.pt"),
+) -> None:
+    """Train a model; names of components are those of the registries listed below."""
+    from nmtkit.config import resolve_config
+    from nmtkit.train import train as run
+
+    model_flags = dict(encoder=encoder, decoder=decoder, attention=attention, window=window,
+                       window_size=window_size, renormalize_window=renormalize_window, rnn=rnn,
+                       layers=layers, hidden_size=hidden_size, embed_size=embed_size, dropout=dropout,
+                       input_feed=input_feed, reverse_source=reverse_source, bridge=bridge,
+                       max_source_len=max_source_len)
+    train_flags = dict(optimizer=optimizer, lr=lr, lr_decay=lr_decay, label_smoothing=label_smoothing,
+                       clip_norm=clip_norm, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps,
+                       seed=seed, valid_every=valid_every, valid_bleu=valid_bleu, patience=patience,
+                       precision=precision)
+    config = resolve_config(recipe, {"model": model_flags, "train": train_flags}, set_)
+    run(data, save, config, resume=resume, log=log)
+
+
+# ----------------------------------------------------------------------------- translate
+
+@app.command()
+@friendly
+def translate(
+    model: Path = typer.Option(..., "-m", "--model", help="checkpoint (best.pt)"),
+    input: Optional[Path] = typer.Option(None, "-i", "--input", help="raw text [stdin]"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="translations [stdout]"),
+    beam: int = typer.Option(1, help="beam size (1 = greedy)"),
+    batch_size: int = typer.Option(32, help="sentences per batch"),
+    max_len_ratio: float = typer.Option(2.0, help="output limit: ratio x source subwords + 5"),
+    length_penalty: float = typer.Option(1.0, help="beam: rank by log p / length^this"),
+    max_input_len: int = typer.Option(200, help="translate longer lines in pieces of this many subwords"),
+    buffer_size: int = typer.Option(1024, help="lines read, sorted and translated at a time"),
+    precision: str = typer.Option("fp32", help="fp32 or bf16"),
+    min_len: int = typer.Option(0, hidden=True),
+) -> None:
+    """Translate raw text: exactly one output line per input line, in order."""
+    from nmtkit.checkpoint import LoadedModel
+    from nmtkit.translate import DecodeOptions, translate_lines
+
+    opts = DecodeOptions(beam=beam, batch_size=batch_size, max_len_ratio=max_len_ratio,
+                         length_penalty=length_penalty, max_input_len=max_input_len,
+                         buffer_size=buffer_size, precision=precision, min_len=min_len)
+    opts.validate()
+    loaded = LoadedModel(model)
+    lines = read_text_lines(input, "input")
+    out = open_output(output)
+    written = 0
+    for text in translate_lines(loaded, lines, opts):
+        out.write(text + "\n")
+        written += 1
+        if written % opts.buffer_size == 0:
+            out.flush()
+    out.flush()
+
+
+# ----------------------------------------------------------------------------- score
+
+@app.command()
+@friendly
+def score(
+    hyp: Optional[Path] = typer.Argument(None, help="detokenized hypotheses [stdin]"),
+    ref: List[Path] = typer.Option(..., help="reference file (repeat for several references)"),
+    metrics: str = typer.Option("bleu,chrf,ter", help="comma-separated: bleu, chrf, ter"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """sacreBLEU BLEU, chrF and TER with signatures."""
+    from nmtkit.score import corpus_scores
+
+    chosen = tuple(m.strip().lower() for m in metrics.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in ("bleu", "chrf", "ter")]
+    if unknown or not chosen:
+        raise UsageError(f"unknown metric(s) {unknown}; choose from bleu, chrf, ter")
+    hyps = list(read_text_lines(hyp, "hypothesis file"))
+    refs = [list(read_text_lines(r, "reference file")) for r in ref]
+    results = corpus_scores(hyps, refs, chosen)
+    if as_json:
+        print(json.dumps({r.name: r.to_dict() for r in results}))
+    else:
+        for r in results:
+            print(f"{r.text}\t{r.signature}")
+
+
+# ----------------------------------------------------------------------------- align
+
+@app.command()
+@friendly
+def align(
+    model: Path = typer.Option(..., "-m", "--model", help="checkpoint"),
+    src: Path = typer.Option(..., help="source sentences"),
+    tgt: Path = typer.Option(..., help="target sentences (forced decoding)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="alignments [stdout]"),
+    batch_size: int = typer.Option(32, help="sentence pairs per batch"),
+) -> None:
+    """Word alignments from attention: one Pharaoh line (i-j, 0-based) per sentence pair."""
+    from nmtkit.align import align_lines
+    from nmtkit.checkpoint import LoadedModel
+
+    src_lines = list(read_text_lines(src, "source file"))
+    tgt_lines = list(read_text_lines(tgt, "target file"))
+    if len(src_lines) != len(tgt_lines):
+        raise NmtkitError(f"{src} has {len(src_lines)} lines but {tgt} has {len(tgt_lines)}")
+    loaded = LoadedModel(model)
+    out = open_output(output)
+    for line in align_lines(loaded, src_lines, tgt_lines, batch_size):
+        out.write(line + "\n")
+    out.flush()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Checkpoint + text stream -> text stream.
+
+Exactly one output line per input line, in input order: an empty or blank line gives an empty
+line, a line longer than ``max_input_len`` subwords is translated piece by piece (bounded
+memory) and the pieces joined. Input is read in buffers of ``buffer_size`` lines, each sorted by
+length into batches, so the first translations are written before a large input is read whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from nmtkit.checkpoint import LoadedModel
+from nmtkit.data import pad
+from nmtkit.errors import UsageError
+from nmtkit.model import Seq2Seq
+from nmtkit.search import beam_search, greedy_search, max_lengths
+
+
+@dataclass
+class DecodeOptions:
+    beam: int = 1
+    batch_size: int = 32
+    max_len_ratio: float = 2.0
+    length_penalty: float = 1.0
+    min_len: int = 0  # forbid EOS before this many tokens (benchmarks)
+    max_input_len: int = 200  # longer inputs are translated in pieces of this many subwords
+    buffer_size: int = 1024  # lines read before a buffer is sorted and translated
+    precision: str = "fp32"
+
+    def validate(self) -> None:
+        if self.beam < 1 or self.batch_size < 1 or self.max_input_len < 1 or self.buffer_size < 1:
+            raise UsageError("--beam, --batch-size, --max-input-len and --buffer-size must be at least 1")
+        if self.max_len_ratio <= 0:
+            raise UsageError("--max-len-ratio must be positive")
+        if self.precision not in ("fp32", "bf16"):
+            raise UsageError(f"unknown precision '{self.precision}'; choose one of: fp32, bf16")
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """bf16 autocast when asked for, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def translate_ids(model: Seq2Seq, sources: list[list[int]], opts: DecodeOptions) -> list[list[int]]:
+    """Token ids in, token ids out, same order; batches are formed from length-sorted sentences."""
+    device = next(model.parameters()).device
+    results: list[list[int]] = [[] for _ in sources]
+    order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: -len(sources[i]))
+    for start in range(0, len(order), opts.batch_size):
+        rows = order[start:start + opts.batch_size]
+        src = pad([sources[i] for i in rows]).to(device)
+        lengths = torch.tensor([len(sources[i]) for i in rows], device=device)
+        limits = max_lengths(lengths.cpu(), opts.max_len_ratio)
+        with torch.inference_mode(), autocast(opts.precision, device):
+            if opts.beam == 1:
+                outs = greedy_search(model, src, lengths, limits, opts.min_len)
+            else:
+                outs = beam_search(model, src, lengths, limits, opts.beam, opts.length_penalty, opts.min_len)
+        for i, out in zip(rows, outs):
+            results[i] = out
+    return results
+
+
+def translate_lines(loaded: LoadedModel, lines: Iterable[str], opts: DecodeOptions) -> Iterator[str]:
+    """Translate raw lines lazily; yields exactly one detokenized line per input line, in order."""
+    opts.validate()
+    it = iter(lines)
+    while True:
+        buffer = list(itertools.islice(it, opts.buffer_size))
+        if not buffer:
+            return
+        pieces: list[list[int]] = []  # every piece of every line
+        owner: list[int] = []  # the buffer line each piece belongs to
+        for n, line in enumerate(buffer):
+            ids = loaded.src_tok.encode(line) if line.strip() else []
+            for start in range(0, len(ids), opts.max_input_len):
+                pieces.append(ids[start:start + opts.max_input_len])
+                owner.append(n)
+        outputs = translate_ids(loaded.model, pieces, opts)
+        texts: list[list[str]] = [[] for _ in buffer]
+        for n, out in zip(owner, outputs):
+            texts[n].append(loaded.tgt_tok.decode(out))
+        for parts in texts:
+            yield " ".join(p for p in parts if p)
