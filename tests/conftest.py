@@ -1,0 +1,80 @@
+"""Shared fixtures: a synthetic 'reverse the sentence' task with a known word alignment.
+
+Source: 3-8 words from a 24-word vocabulary; target: the same words reversed and renamed
+(w7 -> V7). A word-level sentencepiece model makes one token per word, so target word j is
+aligned to source word n-1-j exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmtkit.config import Config
+from nmtkit.data import PreprocessOptions, preprocess
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def reverse_pairs(n: int, seed: int, vocab: int = 16, lengths: tuple[int, int] = (3, 7)) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        words = [rng.randrange(vocab) for _ in range(rng.randint(*lengths))]
+        pairs.append((" ".join(f"w{w}" for w in words), " ".join(f"V{w}" for w in reversed(words))))
+    return pairs
+
+
+def write_parallel(prefix: Path, pairs: list[tuple[str, str]], src: str = "src", tgt: str = "tgt") -> None:
+    Path(f"{prefix}.{src}").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+    Path(f"{prefix}.{tgt}").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def reverse_corpus(tmp_path_factory) -> Path:
+    """Raw text: train (2000 pairs), valid (100), test (200) as PREFIX.src / PREFIX.tgt."""
+    root = tmp_path_factory.mktemp("reverse")
+    for split, n, seed in (("train", 2000, 1), ("valid", 100, 2), ("test", 200, 3)):
+        write_parallel(root / split, reverse_pairs(n, seed))
+    return root
+
+
+@pytest.fixture(scope="session")
+def reverse_data(reverse_corpus, tmp_path_factory) -> Path:
+    """The reverse corpus preprocessed with word-level (one token per word) separate vocabularies."""
+    out = tmp_path_factory.mktemp("reverse-data")
+    preprocess(PreprocessOptions(src="src", tgt="tgt", train=str(reverse_corpus / "train"),
+                                 valid=str(reverse_corpus / "valid"), test=str(reverse_corpus / "test"),
+                                 out=out, vocab_size=40, joint=False, model_type="word", force=True),
+               log=lambda m: None)
+    return out
+
+
+def small_config(**model) -> Config:
+    """A small, fast model for the synthetic task; keyword arguments override model fields."""
+    config = Config()
+    config.model.layers, config.model.hidden_size, config.model.embed_size = 1, 64, 32
+    config.model.dropout = 0.0
+    config.train.batch_tokens, config.train.lr, config.train.epochs = 400, 0.01, 8
+    config.train.valid_bleu, config.train.log_every = False, 10_000
+    for key, value in model.items():
+        setattr(config.model, key, value)
+    return config
+
+
+def run_cli(*args: str, input: str | bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m nmtkit ARGS` as a user would (this checkout first on the path)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    text = not isinstance(input, bytes)
+    result = subprocess.run([sys.executable, "-m", "nmtkit", *args], input=input, capture_output=True,
+                            text=text, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"nmtkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
