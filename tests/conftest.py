@@ -78,3 +78,13 @@ def run_cli(*args: str, input: str | bytes | None = None, check: bool = True) ->
     if check and result.returncode != 0:
         raise AssertionError(f"nmtkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def trained_reverse(reverse_data, tmp_path_factory) -> Path:
+    """A luong-general model trained on the reverse task (run directory with best.pt, last.pt)."""
+    from nmtkit.train import train
+
+    run = tmp_path_factory.mktemp("reverse-run")
+    train(reverse_data, run, small_config(), log=lambda m: None)
+    return run
