@@ -34,8 +34,14 @@ def find_text(prefix: str, lang: str) -> Path:
     raise NmtkitError(f"file not found: {prefix}.{lang} (nor {prefix}.{lang}.gz)")
 
 
+# Unicode line breaks that sentencepiece's normalisation keeps (NEL) or might: inside a line they
+# become spaces, so no subword can hold one and no translation can be split by str.splitlines().
+INNER_LINE_BREAKS = str.maketrans({"\x85": " ", "\u2028": " ", "\u2029": " "})
+
+
 def read_lines(path: Path, errors: str = "strict") -> list[str]:
-    """All lines of a (possibly gzipped) UTF-8 file, newline stripped.
+    """All lines of a (possibly gzipped) UTF-8 file, newline stripped, Unicode line breaks inside
+    a line (U+0085, U+2028, U+2029) turned into spaces.
 
     Invalid UTF-8 raises an error naming the file and line, unless ``errors='replace'``.
     """
@@ -45,7 +51,7 @@ def read_lines(path: Path, errors: str = "strict") -> list[str]:
         with opener(path, "rb") as f:
             for number, raw in enumerate(f, 1):
                 try:
-                    lines.append(raw.decode("utf-8", errors=errors).rstrip("\r\n"))
+                    lines.append(raw.decode("utf-8", errors=errors).rstrip("\r\n").translate(INNER_LINE_BREAKS))
                 except UnicodeDecodeError as e:
                     raise NmtkitError(
                         f"{path}:{number}: invalid UTF-8 at byte {e.start} "

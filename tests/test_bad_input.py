@@ -82,6 +82,17 @@ def test_preprocess_filters_empty_and_overlong_lines_and_counts_them(corpus):
     assert "train: kept 57 of 60 pairs (2 empty, 1 longer than 100 tokens)" in result.stderr
 
 
+def test_preprocess_unicode_line_breaks_never_reach_the_vocabulary(corpus):
+    pairs = [(s.replace(" ", "\x85", 1), t.replace(" ", "\u2028", 1)) for s, t in reverse_pairs(60, 1)]
+    write_parallel(corpus / "train", pairs)
+    assert preprocess(corpus).exit_code == 0
+    from nmtkit.tokenizer import Tokenizer
+
+    for side in ("src", "tgt"):
+        pieces = Tokenizer((corpus / "data" / f"spm.{side}.model").read_bytes()).pieces()
+        assert all(len(("x" + p + "x").splitlines()) == 1 for p in pieces), side
+
+
 def test_preprocess_invalid_utf8(corpus):
     (corpus / "train.src").write_bytes(b"w1 w2\nw3 \xff w4\n" + b"w5\n" * 58)
     line = error_of(preprocess(corpus), 1)
