@@ -8,9 +8,10 @@ model bytes per side), ``vocab`` (pieces per side), ``model`` (state dict), and 
 
 from __future__ import annotations
 
+import errno
 import os
-import pickle
-import zipfile
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ REQUIRED = ("format_version", "config", "tokenizers", "model")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a crash mid-write leaves the old file intact."""
+    """Write ``payload`` to ``path`` atomically: a crash mid-write leaves the old file intact.
+
+    The data goes to a temporary file in the same directory, is flushed and fsynced, then renamed
+    over ``path`` (and the directory fsynced). Any failure removes the temporary file; an OSError
+    (disk full, permissions) becomes one NmtkitError naming the file.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -35,29 +41,83 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise NmtkitError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            kept = " (the previous checkpoint is intact)" if path.exists() else ""
+            raise NmtkitError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read and check a checkpoint; every failure is one clear NmtkitError naming the file."""
+    """Read and check a checkpoint; every failure is one clear NmtkitError naming the file.
+
+    ``torch.load(weights_only=True)`` refuses anything but tensors and plain data, so a file
+    carrying pickled Python objects is rejected before any of its code could run.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise NmtkitError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise NmtkitError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
-            AttributeError, TypeError, KeyError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NmtkitError(f"{path}: not a readable nmtkit checkpoint ({first[:200]})") from None
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols; the error says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, InterruptedError) as e:
+        raise NmtkitError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except OSError as e:
+        if e.errno == errno.EIO:
+            raise NmtkitError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+        raise NmtkitError(f"{path}: not a readable nmtkit checkpoint (truncated or corrupt: "
+                          f"{e.strerror or _load_error_detail(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- whatever a corrupt file makes torch raise
+        text = str(e)
+        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+        if unsafe:
+            raise NmtkitError(f"{path}: refused: holds a pickled Python object ({unsafe.group(1)}), not only "
+                              f"tensors and plain data; nmtkit loads checkpoints with weights_only=True") from None
+        raise NmtkitError(f"{path}: not a readable nmtkit checkpoint (truncated or corrupt: "
+                          f"{_load_error_detail(e)})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
-        raise NmtkitError(f"{path}: not an nmtkit checkpoint (missing {', '.join(REQUIRED)})")
+        raise NmtkitError(f"{path}: not an nmtkit checkpoint (it lacks {', '.join(REQUIRED)})")
     version = ckpt["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise NmtkitError(f"{path}: unknown checkpoint format {version!r}")
+    if version > FORMAT_VERSION:
         raise NmtkitError(f"{path}: checkpoint format {version} is newer than this nmtkit reads "
                           f"({FORMAT_VERSION}); upgrade nmtkit")
     return migrate(ckpt)
+
+
+def _load_error_detail(e: Exception) -> str:
+    """The informative part of torch.load's (often long) error message, one short line."""
+    text = str(e)
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if detail:
+        line = detail.group(1)
+    elif "Weights only load failed" in text:
+        line = "not a pickle that weights_only=True can read"
+    else:
+        lines = [part.strip() for part in text.strip().splitlines() if part.strip()]
+        line = lines[0] if lines else type(e).__name__
+    line = re.split(r"(?<=[^.])\. ", line, maxsplit=1)[0].rstrip(".")  # the first sentence
+    return line[:160]
 
 
 def migrate(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +139,9 @@ class LoadedModel:
             self.src_tok = Tokenizer(ckpt["tokenizers"]["src"])
             self.tgt_tok = Tokenizer(ckpt["tokenizers"]["tgt"])
         except NmtkitError as e:
-            raise NmtkitError(f"{path}: {e}") from None
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise NmtkitError(f"{path}: checkpoint does not match its config ({str(e)[:200]})") from None
+            raise NmtkitError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 -- a damaged checkpoint can fail in many ways
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NmtkitError(f"{path}: checkpoint does not match its config ({first[:200]})") from None
         self.model.eval()
         self.path = Path(path)

@@ -44,6 +44,10 @@ def friendly(command):
         except KeyboardInterrupt:
             log(f"nmtkit {command.__name__}: interrupted")
             raise typer.Exit(130)
+        except OSError as e:  # a file or device failed under us (disk full, permissions, ...)
+            where = f"{e.filename}: " if e.filename else ""
+            log(f"nmtkit {command.__name__}: error: {where}{e.strerror or e}")
+            raise typer.Exit(1)
 
     return wrapper
 
@@ -68,7 +72,12 @@ def read_text_lines(path: Optional[Path], what: str) -> Iterator[str]:
 
 
 def open_output(path: Optional[Path]):
-    return sys.stdout if path is None or str(path) == "-" else open(path, "w", encoding="utf-8")
+    if path is None or str(path) == "-":
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise NmtkitError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------- preprocess
@@ -135,11 +144,21 @@ def train(
     valid_bleu: Optional[bool] = typer.Option(None, "--valid-bleu/--no-valid-bleu", help="greedy BLEU at validation [on]"),
     patience: Optional[int] = typer.Option(None, help="early stopping after N bad validations [0: off]"),
     precision: Optional[str] = typer.Option(None, help="fp32 or bf16 [fp32]"),
+    update_freq: Optional[int] = typer.Option(None, help="accumulate gradients over N batches per process "
+                                                         "per update (effective batch: nproc x N) [1]"),
+    keep_last: Optional[int] = typer.Option(None, help="keep the N latest step-N.pt checkpoints besides "
+                                                       "last.pt and best.pt [0]"),
+    nproc: int = typer.Option(1, help="training processes on this machine (DDP over loopback; gloo on CPU, "
+                                      "NCCL on GPU); under torchrun leave it at 1"),
     set_: List[str] = typer.Option([], "--set", help="override any value: section.key=value (repeatable)"),
-    resume: bool = typer.Option(False, help="continue the run in --save from last.pt"),
+    resume: bool = typer.Option(False, help="continue the run in --save from last.pt (exactly where it stopped)"),
 ) -> None:
-    """Train a model; names of components are those of the registries listed below."""
-    from nmtkit.config import resolve_config
+    """Train a model; names of components are those of the registries listed below.
+
+    SIGINT/SIGTERM stop at the next update after writing last.pt (exit status 130/143);
+    --resume continues from there.
+    """
+    from nmtkit.config import apply_overrides, load_recipe, resolve_config
     from nmtkit.train import train as run
 
     model_flags = dict(encoder=encoder, decoder=decoder, attention=attention, window=window,
@@ -150,9 +169,19 @@ def train(
     train_flags = dict(optimizer=optimizer, lr=lr, lr_decay=lr_decay, label_smoothing=label_smoothing,
                        clip_norm=clip_norm, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps,
                        seed=seed, valid_every=valid_every, valid_bleu=valid_bleu, patience=patience,
-                       precision=precision)
+                       precision=precision, update_freq=update_freq, keep_last=keep_last)
     config = resolve_config(recipe, {"model": model_flags, "train": train_flags}, set_)
-    run(data, save, config, resume=resume, log=log)
+    overrides = None
+    if resume:  # the values given explicitly (recipe, flags, --set), as the checkpoint's config sees them
+        given = load_recipe(recipe) if recipe else {}
+        for section, values in (("model", model_flags), ("train", train_flags)):
+            given.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+        apply_overrides(given, set_)
+        overrides = {section: {k: getattr(getattr(config, section), k) for k in (given.get(section) or {})}
+                     for section in ("model", "train")}
+    summary = run(data, save, config, resume=resume, log=log, nproc=nproc, overrides=overrides)
+    if summary and summary.get("exit_code"):
+        raise typer.Exit(summary["exit_code"])
 
 
 # ----------------------------------------------------------------------------- translate
@@ -211,6 +240,9 @@ def score(
         raise UsageError(f"unknown metric(s) {unknown}; choose from bleu, chrf, ter")
     hyps = list(read_text_lines(hyp, "hypothesis file"))
     refs = [list(read_text_lines(r, "reference file")) for r in ref]
+    for path, lines in zip(ref, refs):
+        if len(lines) != len(hyps):
+            raise NmtkitError(f"{path} has {len(lines)} lines but {hyp or 'stdin'} has {len(hyps)}")
     results = corpus_scores(hyps, refs, chosen)
     if as_json:
         print(json.dumps({r.name: r.to_dict() for r in results}))

@@ -109,8 +109,10 @@ class TrainConfig:
             raise UsageError(f"unknown optimizer '{self.optimizer}'; choose one of: adam, sgd")
         if self.precision not in ("fp32", "bf16"):
             raise UsageError(f"unknown precision '{self.precision}'; choose one of: fp32, bf16")
-        if self.lr <= 0 or self.batch_tokens < 1 or self.epochs < 0 or self.update_freq < 1:
-            raise UsageError("train.lr, train.batch_tokens and train.update_freq must be positive")
+        if self.update_freq < 1:
+            raise UsageError(f"train.update_freq (--update-freq) must be at least 1 (got {self.update_freq})")
+        if self.lr <= 0 or self.batch_tokens < 1 or self.epochs < 0:
+            raise UsageError("train.lr and train.batch_tokens must be positive, train.epochs not negative")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UsageError("train.label_smoothing must be in [0, 1)")
 

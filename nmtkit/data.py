@@ -21,6 +21,7 @@ from nmtkit.errors import NmtkitError, UsageError
 from nmtkit.tokenizer import BOS, EOS, PAD, Tokenizer
 
 DATA_FORMAT_VERSION = 1
+MANIFEST_KEYS = ("src", "tgt", "src_vocab_size", "tgt_vocab_size", "max_len", "splits")
 
 
 # ----------------------------------------------------------------------------- reading text
@@ -33,8 +34,14 @@ def find_text(prefix: str, lang: str) -> Path:
     raise NmtkitError(f"file not found: {prefix}.{lang} (nor {prefix}.{lang}.gz)")
 
 
+# Unicode line breaks that sentencepiece's normalisation keeps (NEL) or might: inside a line they
+# become spaces, so no subword can hold one and no translation can be split by str.splitlines().
+INNER_LINE_BREAKS = str.maketrans({"\x85": " ", "\u2028": " ", "\u2029": " "})
+
+
 def read_lines(path: Path, errors: str = "strict") -> list[str]:
-    """All lines of a (possibly gzipped) UTF-8 file, newline stripped.
+    """All lines of a (possibly gzipped) UTF-8 file, newline stripped, Unicode line breaks inside
+    a line (U+0085, U+2028, U+2029) turned into spaces.
 
     Invalid UTF-8 raises an error naming the file and line, unless ``errors='replace'``.
     """
@@ -44,7 +51,7 @@ def read_lines(path: Path, errors: str = "strict") -> list[str]:
         with opener(path, "rb") as f:
             for number, raw in enumerate(f, 1):
                 try:
-                    lines.append(raw.decode("utf-8", errors=errors).rstrip("\r\n"))
+                    lines.append(raw.decode("utf-8", errors=errors).rstrip("\r\n").translate(INNER_LINE_BREAKS))
                 except UnicodeDecodeError as e:
                     raise NmtkitError(
                         f"{path}:{number}: invalid UTF-8 at byte {e.start} "
@@ -84,6 +91,8 @@ class PreprocessOptions:
 def preprocess(opts: PreprocessOptions, log=print) -> dict:
     """Train tokenizer(s), encode, filter empty/overlong pairs, binarize; returns the manifest."""
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
     if (out / "manifest.json").exists() and not opts.force:
         raise UsageError(f"{out} already holds preprocessed data; pass --force to overwrite it")
     if opts.model_type not in ("unigram", "bpe", "word", "char"):
@@ -93,19 +102,31 @@ def preprocess(opts: PreprocessOptions, log=print) -> dict:
     splits = {"train": opts.train, "valid": opts.valid}
     if opts.test:
         splits["test"] = opts.test
-    text = {}
+    text, paths = {}, {}
     for split, prefix in splits.items():
         src_path, tgt_path = find_text(prefix, opts.src), find_text(prefix, opts.tgt)
         text[split] = read_parallel(src_path, tgt_path, opts.errors)
+        paths[split] = (src_path, tgt_path)
         log(f"read {split}: {len(text[split][0])} lines from {src_path}, {tgt_path}")
 
     train_src, train_tgt = text["train"]
-    if opts.joint:
-        src_tok = tgt_tok = Tokenizer.train(train_src + train_tgt, opts.vocab_size, opts.model_type)
-    else:
-        src_tok = Tokenizer.train(train_src, opts.vocab_size, opts.model_type)
-        tgt_tok = Tokenizer.train(train_tgt, opts.vocab_size, opts.model_type)
-    out.mkdir(parents=True, exist_ok=True)
+    for lines, path in ((train_src, paths["train"][0]), (train_tgt, paths["train"][1])):
+        if not any(line.strip() for line in lines):
+            raise NmtkitError(f"{path}: no training text (the file is empty or holds only blank lines)")
+    try:
+        if opts.joint:
+            src_tok = tgt_tok = Tokenizer.train(train_src + train_tgt, opts.vocab_size, opts.model_type)
+        else:
+            src_tok = Tokenizer.train(train_src, opts.vocab_size, opts.model_type)
+            tgt_tok = Tokenizer.train(train_tgt, opts.vocab_size, opts.model_type)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NmtkitError(f"cannot train the subword model on {paths['train'][0]}, {paths['train'][1]}: "
+                          f"{first[:200]}") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NmtkitError(f"cannot create --out directory {out}: {e.strerror or e}") from None
     (out / f"spm.{opts.src}.model").write_bytes(src_tok.model_proto)
     (out / f"spm.{opts.tgt}.model").write_bytes(tgt_tok.model_proto)
 
@@ -124,6 +145,10 @@ def preprocess(opts: PreprocessOptions, log=print) -> dict:
                 long += 1
             else:
                 keep.append(i)
+        if not keep and split in ("train", "valid"):
+            raise NmtkitError(
+                f"{paths[split][0]}, {paths[split][1]}: no {split} pair left after filtering "
+                f"({empty} with an empty side, {long} longer than --max-len {opts.max_len} subwords)")
         _write_side(out, split, opts.src, [src_ids[i] for i in keep])
         _write_side(out, split, opts.tgt, [tgt_ids[i] for i in keep])
         (out / f"{split}.ref.{opts.tgt}").write_text(
@@ -164,14 +189,23 @@ class DataDir:
             self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise NmtkitError(f"{manifest}: corrupt manifest ({e})") from None
+        if not isinstance(self.manifest, dict):
+            raise NmtkitError(f"{manifest}: corrupt manifest (not a JSON object)")
         version = self.manifest.get("format_version")
         if version != DATA_FORMAT_VERSION:
             raise NmtkitError(f"{self.path}: data format version {version}, this nmtkit reads "
                               f"version {DATA_FORMAT_VERSION}; run 'nmtkit preprocess' again")
+        missing = [k for k in MANIFEST_KEYS if k not in self.manifest]
+        if missing:
+            raise NmtkitError(f"{manifest}: corrupt manifest (missing {', '.join(missing)})")
         self.src, self.tgt = self.manifest["src"], self.manifest["tgt"]
 
     def tokenizer_bytes(self, side: str) -> bytes:
-        return (self.path / f"spm.{side}.model").read_bytes()
+        path = self.path / f"spm.{side}.model"
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise NmtkitError(f"cannot read {path}: {e.strerror or e}") from None
 
     def split(self, name: str) -> "ParallelData":
         return ParallelData(self.path, name, self.src, self.tgt)

@@ -88,3 +88,41 @@ def trained_reverse(reverse_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("reverse-run")
     train(reverse_data, run, small_config(), log=lambda m: None)
     return run
+
+
+def untrained_payload(data_dir: Path, config: Config | None = None, seed: int = 0) -> dict:
+    """A checkpoint payload (no optimizer) for an untrained model on ``data_dir``'s vocabularies."""
+    import json
+
+    from nmtkit.model import build_model
+
+    config = config or small_config()
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    config.model.src_vocab_size, config.model.tgt_vocab_size = manifest["src_vocab_size"], manifest["tgt_vocab_size"]
+    config.model = config.model.resolved()
+    torch.manual_seed(seed)
+    model = build_model(config.model)
+    src, tgt = manifest["src"], manifest["tgt"]
+    return {"config": config.to_dict(),
+            "tokenizers": {"src": (data_dir / f"spm.{src}.model").read_bytes(),
+                           "tgt": (data_dir / f"spm.{tgt}.model").read_bytes()},
+            "model": model.state_dict(), "train_state": {}}
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(reverse_data, tmp_path_factory) -> Path:
+    """An untrained small model on the reverse task's vocabularies, saved as a real checkpoint."""
+    from nmtkit.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    save_checkpoint(path, untrained_payload(reverse_data))
+    return path
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test (small models on a shared 2-core machine run faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
