@@ -5,12 +5,12 @@ Golden tests recompute the weights from a direct transcription of the papers' eq
 loops over batch, target step and source position, the module's parameters read as matrices)
 and compare with ``nmtkit.attention``:
 
-- Luong et al. 2015 §3.1, eq. (7)/(8): a_t(s) = exp(score(h_t, h̄_s)) / Σ_s' exp(score(h_t, h̄_s'))
-  with dot h_tᵀh̄_s, general h_tᵀW_a h̄_s, concat v_aᵀ tanh(W_a[h_t; h̄_s]); eq. (9) location
+- Luong et al. 2015 §3.1: a_t(s) = exp(score(h_t, h̄_s)) / Σ_s' exp(score(h_t, h̄_s'))
+  with dot h_tᵀh̄_s, general h_tᵀW_a h̄_s, concat v_aᵀ tanh(W_a[h_t; h̄_s]); location
   a_t = softmax(W_a h_t).
 - Bahdanau et al. 2015 App. A.1.2: e_ij = v_aᵀ tanh(W_a s_{i-1} + U_a h_j).
-- Luong et al. 2015 §3.2: local-m p_t = t (clamped to S); local-p p_t = S·sigmoid(v_pᵀ tanh(W_p h_t))
-  (eq. 9), window |s − p_t| ≤ D, a_t(s) = align(h_t, h̄_s)·exp(−(s − p_t)²/2σ²), σ = D/2 (eq. 10),
+- Luong et al. 2015 §3.2: local-m p_t = t (clamped to S); local-p p_t = S·sigmoid(v_pᵀ tanh(W_p h_t)),
+  window |s − p_t| ≤ D, a_t(s) = align(h_t, h̄_s)·exp(−(s − p_t)²/2σ²), σ = D/2,
   source positions s = 1..S (1-based, as documented in nmtkit/attention.py).
 """
 
@@ -126,7 +126,7 @@ WINDOW_VARIANTS = [(w, False) for w in WINDOWS.names()] + [("local-p", True)]
                          ids=[w + ("-renormalized" if r else "") for w, r in WINDOW_VARIANTS])
 @pytest.mark.parametrize("score", SCORES)
 def test_weights_match_paper_equations(score: str, window: str, renormalize: bool) -> None:
-    """Every score x window against a loop transcription of Luong eqs. (7)-(10) / Bahdanau A.1.2."""
+    """Every score x window against a loop transcription of Luong §3.1-3.2 / Bahdanau App. A.1.2."""
     torch.manual_seed(0)
     Hq = 5
     Hm = Hq if score == "luong-dot" else 7  # unequal sizes catch transposed matrices
@@ -148,7 +148,7 @@ def test_weights_match_paper_equations(score: str, window: str, renormalize: boo
 
 
 def test_local_p_by_hand() -> None:
-    """Luong eq. (10) with literal numbers: W_p = 0, v_p = 0 give p_t = S·sigmoid(0) = S/2.
+    """Local-p (Luong §3.2) with literal numbers: W_p = 0, v_p = 0 give p_t = S·sigmoid(0) = S/2.
     S = 5 -> p_t = 2.5; D = 2 -> window {1, 2, 3, 4} (1-based; 0-based it would be {0..4});
     σ = 1; a zero query gives a uniform align of 1/4 over the window, so
     a_t(s) = 1/4 · exp(−(s − 2.5)²/2): [e^{-1.125}, e^{-0.125}, e^{-0.125}, e^{-1.125}, 0] / 4."""
@@ -181,7 +181,7 @@ def test_local_m_by_hand() -> None:
 
 
 def test_location_ignores_memory_contents() -> None:
-    """Location attention depends only on h_t (Luong eq. 9): other memory, same weights."""
+    """Location attention depends only on h_t (Luong §3.1, location): other memory, same weights."""
     att = make_attention("luong-location", "global", 4, 6, max_source_len=10)
     query = torch.randn(2, 3, 4, dtype=F64)
     _, w1 = run_attention(att, query, torch.randn(2, 5, 6, dtype=F64), [5, 3])

@@ -13,7 +13,7 @@ deterministic (seed 1, one thread). Honest exceptions, measured and asserted as 
   (Luong et al. use local-m on En-De, where alignments are roughly monotonic). It is trained on
   the monotone variant of the task (source pre-reversed: target j <-> source j), where it learns
   and aligns; on the reverse task its links stay inside the window and so cannot match.
-- luong-location (a_t = softmax(W_a h_t), Luong eq. 9) sees no source content: it must infer the
+- luong-location (a_t = softmax(W_a h_t), Luong §3.1) sees no source content: it must infer the
   source length from h_t to find position n-1-j. It learns the translation, aligns the first
   target word and whole 5-word sentences, but blurs the middle of shorter ones (about 70-80% of
   the links agree): it is held to a 60% bar plus the first-word link.
