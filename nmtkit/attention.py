@@ -226,7 +226,9 @@ class Attention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """query (B, T, Hq), keys (B, S, K), memory (B, S, Hm), mask (B, S), lengths (B,),
         steps (T,) 1-based target positions -> context (B, T, Hm), weights (B, T, S)."""
-        scores = self.score(query, keys).float()  # (B, T, S)
+        scores = self.score(query, keys)  # (B, T, S)
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()  # softmax in fp32 under autocast; fp64 stays fp64
         allowed, factor = self.window(query, steps, lengths, memory.size(1))
         valid = mask.unsqueeze(1) if allowed is None else mask.unsqueeze(1) & allowed  # (B, T|1, S)
         weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)

@@ -73,6 +73,12 @@ class ModelConfig:
             )
         if self.attention == "none" and self.window != "global":
             raise UsageError(f"window '{self.window}' needs an attention score, not attention 'none'")
+        if self.renormalize_window and self.window != "local-p":
+            raise UsageError(f"renormalize_window only changes window 'local-p' (the weights of window "
+                             f"'{self.window}' already sum to 1); drop --renormalize-window")
+        if not self.input_feed and self.decoder != "luong":
+            raise UsageError(f"input feeding is an option of decoder 'luong' only; decoder '{self.decoder}' "
+                             f"has none to switch off (drop --no-input-feed)")
         if self.window != "global" and self.window_size < 1:
             raise UsageError(f"window_size must be at least 1 (got {self.window_size})")
         if self.attention == "luong-location" and self.max_source_len < 1:

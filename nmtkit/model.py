@@ -57,7 +57,8 @@ class ProjectionBridge(Bridge):
 
     def __init__(self, cfg: ModelConfig, encoder_size: int) -> None:
         super().__init__(cfg, encoder_size)
-        self.proj = nn.ModuleDict({k: nn.Linear(encoder_size, cfg.hidden_size) for k in ("h", "c")})
+        kinds = ("h", "c") if cfg.rnn == "lstm" else ("h",)  # a GRU has no cell state to project
+        self.proj = nn.ModuleDict({k: nn.Linear(encoder_size, cfg.hidden_size) for k in kinds})
 
     def transform(self, final, which):
         return torch.tanh(self.proj[which](final))

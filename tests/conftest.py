@@ -1,8 +1,13 @@
 """Shared fixtures: a synthetic 'reverse the sentence' task with a known word alignment.
 
-Source: 3-8 words from a 24-word vocabulary; target: the same words reversed and renamed
-(w7 -> V7). A word-level sentencepiece model makes one token per word, so target word j is
-aligned to source word n-1-j exactly.
+Source: 3-5 distinct words from a 24-word vocabulary; target: the same words reversed and
+renamed (w7 -> V7). A word-level sentencepiece model makes one token per word, so target word j
+is aligned to source word n-1-j exactly (distinct words: no second, equally good link).
+
+The sizes are tuned so that ``small_config`` learns the task to >= 95% exact match in a few
+seconds of one CPU core with every attention mechanism (tests/test_learning.py); a larger
+vocabulary keeps attention sharp (annotations cannot cheaply carry their neighbours' words),
+longer sentences make RNNencdec and location attention much slower to learn.
 """
 
 from __future__ import annotations
@@ -20,14 +25,15 @@ from nmtkit.config import Config
 from nmtkit.data import PreprocessOptions, preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: extra intra-op threads only add synchronisation
 
 
-def reverse_pairs(n: int, seed: int, vocab: int = 16, lengths: tuple[int, int] = (3, 7)) -> list[tuple[str, str]]:
+def reverse_pairs(n: int, seed: int, vocab: int = 24, lengths: tuple[int, int] = (3, 5)) -> list[tuple[str, str]]:
+    """n (source, target) pairs: distinct source words w0..w{vocab-1}, target reversed as V*."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
-        words = [rng.randrange(vocab) for _ in range(rng.randint(*lengths))]
+        words = rng.sample(range(vocab), rng.randint(*lengths))  # distinct: one unambiguous alignment
         pairs.append((" ".join(f"w{w}" for w in words), " ".join(f"V{w}" for w in reversed(words))))
     return pairs
 
@@ -62,7 +68,8 @@ def small_config(**model) -> Config:
     config = Config()
     config.model.layers, config.model.hidden_size, config.model.embed_size = 1, 64, 32
     config.model.dropout = 0.0
-    config.train.batch_tokens, config.train.lr, config.train.epochs = 400, 0.01, 8
+    config.train.batch_tokens, config.train.lr, config.train.epochs = 600, 0.01, 14
+    config.train.lr_decay = 0.7  # the 100-pair validation set is noisy: halving on every bump stalls
     config.train.valid_bleu, config.train.log_every = False, 10_000
     for key, value in model.items():
         setattr(config.model, key, value)
