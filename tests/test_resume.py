@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def resume_config(**train):
     """Tiny, with dropout (so the RNG matters) and greedy BLEU at validation; ~9 batches an epoch."""
     config = small_config(hidden_size=32, embed_size=16, dropout=0.3)
-    config.train.batch_tokens, config.train.lr, config.train.valid_every = 1500, 0.01, 5
+    config.train.batch_tokens, config.train.lr, config.train.valid_every = 1200, 0.01, 5
     config.train.valid_bleu, config.train.lr_decay = True, 0.5
     for key, value in train.items():
         setattr(config.train, key, value)

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from conftest import reverse_pairs
+from conftest import reverse_pairs, small_config
 from nmtkit.checkpoint import FORMAT_VERSION, LoadedModel
 from nmtkit.translate import DecodeOptions, translate_lines
 
@@ -24,7 +24,7 @@ def test_reverse_task_is_learned(trained_reverse):
 def test_run_directory_contents(trained_reverse):
     records = [json.loads(line) for line in (trained_reverse / "metrics.jsonl").read_text().splitlines()]
     valids = [r for r in records if r["event"] == "valid"]
-    assert len(valids) == 8  # one per epoch
+    assert len(valids) == small_config().train.epochs  # one per epoch
     assert valids[-1]["valid_ppl"] < valids[0]["valid_ppl"]
     assert records[-1]["event"] == "done"
     assert (trained_reverse / "last.pt").is_file() and (trained_reverse / "best.pt").is_file()
