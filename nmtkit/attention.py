@@ -7,7 +7,7 @@ Scores (registry ``attention``), query q = h_t (Luong, current target state) or 
 - ``luong-dot``       score(h_t, h̄_s) = h_tᵀ h̄_s                      Luong et al. 2015, eq. (8)
 - ``luong-general``   score(h_t, h̄_s) = h_tᵀ W_a h̄_s                  Luong et al. 2015, eq. (8)
 - ``luong-concat``    score(h_t, h̄_s) = v_aᵀ tanh(W_a [h_t; h̄_s])      Luong et al. 2015, eq. (8)
-- ``luong-location``  a_t = softmax(W_a h_t), sliced to the source    Luong et al. 2015, eq. (9)
+- ``luong-location``  a_t = softmax(W_a h_t), sliced to the source    Luong et al. 2015, §3.1
 - ``bahdanau``        e_ij = v_aᵀ tanh(W_a s_{i-1} + U_a h_j)          Bahdanau et al. 2015, App. A.1.2
 - ``none``            no attention (decoder 'none', RNNencdec)
 
@@ -117,7 +117,7 @@ class AdditiveScore(ConcatScore):
 
 @ATTENTIONS.register("luong-location")
 class LocationScore(Score):
-    """a_t = softmax(W_a h_t) (Luong et al. 2015 §3.1, eq. 9, 'location').
+    """a_t = softmax(W_a h_t) (Luong et al. 2015 §3.1, 'location').
 
     W_a predicts ``max_source_len`` logits from the target state alone; they are sliced to the
     source length. Positions beyond ``max_source_len`` get score −inf (zero weight).

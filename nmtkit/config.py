@@ -193,7 +193,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def resolve_config(recipe: str | Path | None, flags: dict[str, dict[str, Any]],
                    overrides: list[str] | None = None) -> Config:
-    """Recipe, then flags that were given (not None), then ``--set`` overrides; validated."""
+    """Recipe, then flags that were given (not None), then ``--set`` overrides (strict keys and
+    types; component names and combinations are checked later by ``Config.validate``)."""
     data: dict[str, Any] = load_recipe(recipe) if recipe else {}
     source = str(recipe) if recipe else "flags"
     for section, values in flags.items():
