@@ -6,6 +6,7 @@ stdout carries data (translations, scores, alignments); logs go to stderr. Exit 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -60,15 +61,16 @@ def read_text_lines(path: Optional[Path], what: str) -> Iterator[str]:
     """Lines of a file or stdin ('-' or None), lazily; invalid UTF-8 is replaced with a warning."""
     if path is not None and str(path) != "-" and not path.is_file():
         raise NmtkitError(f"{what} not found: {path}")
-    stream = sys.stdin.buffer if path is None or str(path) == "-" else open(path, "rb")
-    name = "stdin" if stream is sys.stdin.buffer else str(path)
-    for number, raw in enumerate(stream, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            log(f"nmtkit: warning: {name}:{number}: invalid UTF-8 replaced by U+FFFD")
-            line = raw.decode("utf-8", errors="replace")
-        yield line.rstrip("\r\n")
+    use_stdin = path is None or str(path) == "-"
+    name = "stdin" if use_stdin else str(path)
+    with contextlib.nullcontext(sys.stdin.buffer) if use_stdin else open(path, "rb") as stream:
+        for number, raw in enumerate(stream, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                log(f"nmtkit: warning: {name}:{number}: invalid UTF-8 replaced by U+FFFD")
+                line = raw.decode("utf-8", errors="replace")
+            yield line.rstrip("\r\n")
 
 
 def open_output(path: Optional[Path]):
