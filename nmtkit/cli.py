@@ -128,6 +128,7 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None, help="label smoothing [0]"),
     clip_norm: Optional[float] = typer.Option(None, help="gradient norm clipping [5]"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per batch [4096]"),
+    batch_sents: Optional[int] = typer.Option(None, help="at most this many sentences per batch [0: no cap]"),
     epochs: Optional[int] = typer.Option(None, help="epochs [10]"),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many updates [no limit]"),
     seed: Optional[int] = typer.Option(None, help="random seed [1]"),
@@ -148,7 +149,7 @@ def train(
                        input_feed=input_feed, reverse_source=reverse_source, bridge=bridge,
                        max_source_len=max_source_len)
     train_flags = dict(optimizer=optimizer, lr=lr, lr_decay=lr_decay, label_smoothing=label_smoothing,
-                       clip_norm=clip_norm, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps,
+                       clip_norm=clip_norm, batch_tokens=batch_tokens, batch_sents=batch_sents, epochs=epochs, max_steps=max_steps,
                        seed=seed, valid_every=valid_every, valid_bleu=valid_bleu, patience=patience,
                        precision=precision)
     config = resolve_config(recipe, {"model": model_flags, "train": train_flags}, set_)

@@ -93,6 +93,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     clip_norm: float = 5.0
     batch_tokens: int = 4096
+    batch_sents: int = 0  # at most this many sentences per batch as well (0 = no cap)
     epochs: int = 10
     max_steps: int = 0  # 0 = no limit
     seed: int = 1
@@ -111,6 +112,8 @@ class TrainConfig:
             raise UsageError(f"unknown precision '{self.precision}'; choose one of: fp32, bf16")
         if self.lr <= 0 or self.batch_tokens < 1 or self.epochs < 0 or self.update_freq < 1:
             raise UsageError("train.lr, train.batch_tokens and train.update_freq must be positive")
+        if self.batch_sents < 0:
+            raise UsageError("train.batch_sents must be 0 (no cap) or positive")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UsageError("train.label_smoothing must be in [0, 1)")
 
