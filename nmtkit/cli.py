@@ -171,7 +171,9 @@ def translate(
     max_input_len: int = typer.Option(200, help="translate longer lines in pieces of this many subwords"),
     buffer_size: int = typer.Option(1024, help="lines read, sorted and translated at a time"),
     precision: str = typer.Option("fp32", help="fp32 or bf16"),
+    quantize: str = typer.Option("none", help="none or int8 (dynamic int8 weights, CPU)"),
     min_len: int = typer.Option(0, hidden=True),
+    max_len: int = typer.Option(0, hidden=True),
 ) -> None:
     """Translate raw text: exactly one output line per input line, in order."""
     from nmtkit.checkpoint import LoadedModel
@@ -179,7 +181,8 @@ def translate(
 
     opts = DecodeOptions(beam=beam, batch_size=batch_size, max_len_ratio=max_len_ratio,
                          length_penalty=length_penalty, max_input_len=max_input_len,
-                         buffer_size=buffer_size, precision=precision, min_len=min_len)
+                         buffer_size=buffer_size, precision=precision, quantize=quantize,
+                         min_len=min_len, max_len=max_len)
     opts.validate()
     loaded = LoadedModel(model)
     lines = read_text_lines(input, "input")

@@ -208,7 +208,8 @@ class Trainer:
                     elapsed = time.time() - window_start
                     record = {"event": "train", "epoch": self.state.epoch + 1, "step": self.state.step,
                               "train_ppl": math.exp(min(window_nll / window_tokens, 100.0)),
-                              "tokens_per_s": window_tokens / max(elapsed, 1e-9), "lr": self.state.lr}
+                              "tokens_per_s": window_tokens / max(elapsed, 1e-9), "lr": self.state.lr,
+                              "tokens": window_tokens, "seconds": elapsed}
                     self.write_metrics(record)
                     bar.set_postfix(ppl=f"{record['train_ppl']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     if not sys.stderr.isatty():
