@@ -123,7 +123,8 @@ class Trainer:
         self.model.eval()
         total, tokens = 0.0, 0
         data: ParallelData = self.valid_data
-        for idx in token_batches(data.src_lens, data.tgt_lens, self.config.train.batch_tokens, shuffle=False):
+        for idx in token_batches(data.src_lens, data.tgt_lens, self.config.train.batch_tokens, shuffle=False,
+                                 max_sents=self.config.train.batch_sents):
             batch = collate(data, idx)
             with autocast(self.config.train.precision):
                 logits, _ = self.model(batch.src, batch.src_lens, batch.tgt_in)
