@@ -18,7 +18,7 @@ import torch
 
 from nmtkit.config import Config
 from nmtkit.errors import NmtkitError
-from nmtkit.model import Seq2Seq, build_model
+from nmtkit.model import Seq2Seq, build_model, build_model_for_loading
 from nmtkit.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise NmtkitError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no read-all copy
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError,
             AttributeError, TypeError, KeyError, IndexError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -74,8 +74,8 @@ class LoadedModel:
         ckpt = load_checkpoint(path)
         try:
             self.config = Config.from_dict(ckpt["config"], f"{path}: config")
-            self.model: Seq2Seq = build_model(self.config.model)
-            self.model.load_state_dict(ckpt["model"])
+            self.model: Seq2Seq = build_model_for_loading(self.config.model)
+            self.model.load_state_dict(ckpt["model"], assign=True)
             self.src_tok = Tokenizer(ckpt["tokenizers"]["src"])
             self.tgt_tok = Tokenizer(ckpt["tokenizers"]["tgt"])
         except NmtkitError as e:

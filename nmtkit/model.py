@@ -116,6 +116,26 @@ def build_model(cfg: ModelConfig) -> Seq2Seq:
     return Seq2Seq(cfg)
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Turns the in-place initialisers of module constructors into no-ops."""
+
+    SKIP = {"uniform_", "normal_", "zero_", "fill_", "kaiming_uniform_", "xavier_uniform_", "orthogonal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SKIP:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+def build_model_for_loading(cfg: ModelConfig) -> Seq2Seq:
+    """A model whose parameters are allocated but never initialised (their pages are not even
+    touched), for ``load_state_dict(..., assign=True)``: loading a checkpoint then costs neither
+    the random initialisation's time nor a second copy of the weights in memory."""
+    cfg.validate()
+    with _SkipInit():
+        return Seq2Seq(cfg)
+
+
 class _TokenNLL(torch.autograd.Function):
     """Summed −log softmax(logits)[target] over non-padding rows (and the label-smoothing term
     Σ −mean_v log p_v), without materialising log p: forward keeps only the logsumexp per row;
