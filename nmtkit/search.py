@@ -95,10 +95,13 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_le
         logp, _, state = model.step(state, y, t)  # (N*K, V)
         if t <= min_len:
             logp[:, EOS] = -math.inf
-        V = logp.size(-1)
-        cand = (scores.view(N * K, 1) + logp).view(N, K * V)
-        top_scores, top_idx = cand.topk(2 * K, dim=1)  # (N, 2K)
-        top_beam, top_tok = top_idx // V, top_idx % V
+        # The 2K best of the K·V candidates score + log p come from the 2K best tokens of each
+        # beam: a per-row top-2K, then the top 2K of N·K·2K sums (not a sum over all K·V).
+        best, best_tok = logp.topk(2 * K, dim=1)  # (N*K, 2K)
+        cand = (scores.view(N * K, 1) + best).view(N, K * 2 * K)
+        top_scores, top_pos = cand.topk(2 * K, dim=1)  # (N, 2K)
+        top_beam = top_pos // (2 * K)
+        top_tok = best_tok.view(N, K * 2 * K).gather(1, top_pos)
         is_eos = top_tok == EOS
         # ended hypotheses: EOS among the K best candidates
         ended = is_eos[:, :K] & (top_scores[:, :K] > -math.inf)
