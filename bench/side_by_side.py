@@ -59,8 +59,8 @@ data:
     path_src: {run}/raw/train.en
     path_tgt: {run}/raw/train.de
   valid:
-    path_src: {run}/raw/val.en
-    path_tgt: {run}/raw/val.de
+    path_src: {run}/raw/val500.en
+    path_tgt: {run}/raw/val500.de
 encoder_type: brnn
 decoder_type: rnn
 rnn_type: LSTM
@@ -146,9 +146,12 @@ def setup(onmt: bool, steps: int) -> None:
             link = raw / f"{split}.{lang}"
             if not link.exists():
                 link.symlink_to(RAW / f"{side}-{split}.txt")
+    for lang in ("en", "de"):  # a 500-pair validation set: nmtkit validates once, at the end
+        lines = (raw / f"val.{lang}").read_text(encoding="utf-8").splitlines()[:500]
+        (raw / f"val500.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     if not (DATA / "manifest.json").exists():
         subprocess.run([NMTKIT, "preprocess", "--src", "en", "--tgt", "de", "--train", str(raw / "train"),
-                        "--valid", str(raw / "val"), "--model-type", "word", "--vocab-size", str(V),
+                        "--valid", str(raw / "val500"), "--model-type", "word", "--vocab-size", str(V),
                         "--separate", "--out", str(DATA)], check=True)
     lines = (raw / "test.en").read_text(encoding="utf-8").splitlines()
     (RUNS / "test500.en").write_text("".join(line + "\n" for line in lines[:500]), encoding="utf-8")
