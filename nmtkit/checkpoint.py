@@ -19,7 +19,7 @@ import torch
 
 from nmtkit.config import Config
 from nmtkit.errors import NmtkitError
-from nmtkit.model import Seq2Seq, build_model
+from nmtkit.model import Seq2Seq, build_model, build_model_for_loading
 from nmtkit.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -78,7 +78,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols; the error says enough
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no read-all copy
     except (PermissionError, InterruptedError) as e:
         raise NmtkitError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except OSError as e:
@@ -134,8 +134,8 @@ class LoadedModel:
         ckpt = load_checkpoint(path)
         try:
             self.config = Config.from_dict(ckpt["config"], f"{path}: config")
-            self.model: Seq2Seq = build_model(self.config.model)
-            self.model.load_state_dict(ckpt["model"])
+            self.model: Seq2Seq = build_model_for_loading(self.config.model)
+            self.model.load_state_dict(ckpt["model"], assign=True)
             self.src_tok = Tokenizer(ckpt["tokenizers"]["src"])
             self.tgt_tok = Tokenizer(ckpt["tokenizers"]["tgt"])
         except NmtkitError as e:

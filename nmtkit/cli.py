@@ -139,6 +139,7 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None, help="label smoothing (default: 0)"),
     clip_norm: Optional[float] = typer.Option(None, help="gradient norm clipping (default: 5)"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per batch (default: 4096)"),
+    batch_sents: Optional[int] = typer.Option(None, help="at most this many sentences per batch (default: 0, no cap)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (default: 10)"),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many updates (default: no limit)"),
     seed: Optional[int] = typer.Option(None, help="random seed (default: 1)"),
@@ -169,7 +170,7 @@ def train(
                        input_feed=input_feed, reverse_source=reverse_source, bridge=bridge,
                        max_source_len=max_source_len)
     train_flags = dict(optimizer=optimizer, lr=lr, lr_decay=lr_decay, label_smoothing=label_smoothing,
-                       clip_norm=clip_norm, batch_tokens=batch_tokens, epochs=epochs, max_steps=max_steps,
+                       clip_norm=clip_norm, batch_tokens=batch_tokens, batch_sents=batch_sents, epochs=epochs, max_steps=max_steps,
                        seed=seed, valid_every=valid_every, valid_bleu=valid_bleu, patience=patience,
                        precision=precision, update_freq=update_freq, keep_last=keep_last)
     config = resolve_config(recipe, {"model": model_flags, "train": train_flags}, set_)
@@ -201,7 +202,9 @@ def translate(
     max_input_len: int = typer.Option(200, help="translate longer lines in pieces of this many subwords"),
     buffer_size: int = typer.Option(1024, help="lines read, sorted and translated at a time"),
     precision: str = typer.Option("fp32", help="fp32 or bf16"),
+    quantize: str = typer.Option("none", help="none or int8 (dynamic int8 weights, CPU)"),
     min_len: int = typer.Option(0, hidden=True),
+    max_len: int = typer.Option(0, hidden=True),
 ) -> None:
     """Translate raw text: exactly one output line per input line, in order."""
     from nmtkit.checkpoint import LoadedModel
@@ -209,7 +212,8 @@ def translate(
 
     opts = DecodeOptions(beam=beam, batch_size=batch_size, max_len_ratio=max_len_ratio,
                          length_penalty=length_penalty, max_input_len=max_input_len,
-                         buffer_size=buffer_size, precision=precision, min_len=min_len)
+                         buffer_size=buffer_size, precision=precision, quantize=quantize,
+                         min_len=min_len, max_len=max_len)
     opts.validate()
     loaded = LoadedModel(model)
     lines = read_text_lines(input, "input")

@@ -99,6 +99,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     clip_norm: float = 5.0
     batch_tokens: int = 4096
+    batch_sents: int = 0  # at most this many sentences per batch as well (0 = no cap)
     epochs: int = 10
     max_steps: int = 0  # 0 = no limit
     seed: int = 1
@@ -119,6 +120,8 @@ class TrainConfig:
             raise UsageError(f"train.update_freq (--update-freq) must be at least 1 (got {self.update_freq})")
         if self.lr <= 0 or self.batch_tokens < 1 or self.epochs < 0:
             raise UsageError("train.lr and train.batch_tokens must be positive, train.epochs not negative")
+        if self.batch_sents < 0:
+            raise UsageError("train.batch_sents must be 0 (no cap) or positive")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UsageError("train.label_smoothing must be in [0, 1)")
 

@@ -277,9 +277,10 @@ def collate(data: ParallelData, indices: np.ndarray) -> Batch:
 
 
 def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int,
-                  seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list[np.ndarray]:
+                  seed: int = 0, epoch: int = 0, shuffle: bool = True, max_sents: int = 0) -> list[np.ndarray]:
     """Length-bucketed batches: sentences sorted by length, cut so that padded size
-    (sentences x longest side + 1) stays within ``batch_tokens``; batch order shuffled.
+    (sentences x longest side + 1) stays within ``batch_tokens`` and, when ``max_sents`` > 0,
+    a batch holds at most ``max_sents`` sentences; batch order shuffled.
 
     Deterministic in (seed, epoch), so a resumed run sees exactly the same batches.
     """
@@ -290,7 +291,8 @@ def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int,
     batches, start, longest = [], 0, 0
     for pos, i in enumerate(order):
         size = max(int(src_lens[i]), int(tgt_lens[i])) + 1
-        if pos > start and max(longest, size) * (pos - start + 1) > batch_tokens:
+        if pos > start and (max(longest, size) * (pos - start + 1) > batch_tokens
+                            or (max_sents and pos - start >= max_sents)):
             batches.append(order[start:pos])
             start, longest = pos, 0
         longest = max(longest, size)

@@ -10,6 +10,7 @@ embedding part of the first layer's input projection (and of the deep output) fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch import nn
 from nmtkit.attention import build_attention
 from nmtkit.config import ModelConfig
 from nmtkit.encoders import EncoderOutput
+from nmtkit.kernels import SharedLinear, compute_dtype, gru_cell, lstm_cell
 from nmtkit.registry import DECODERS
 from nmtkit.tokenizer import PAD
 
@@ -34,12 +36,13 @@ class DecoderState:
     mask: torch.Tensor  # (B, S) bool
     lengths: torch.Tensor  # (B,) source lengths
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # h, c (B, L, H); feed (B, H)
+    plan: dict[str, Any] = field(default_factory=dict)  # per-batch step weights (Decoder.plan), shared by all rows
 
     def select(self, index: torch.Tensor) -> "DecoderState":
         """Rows ``index`` of everything (dropping or repeating sentences)."""
         pick = lambda t: t.index_select(0, index)  # noqa: E731
         return DecoderState(pick(self.memory), pick(self.keys), pick(self.mask), pick(self.lengths),
-                            {k: pick(v) for k, v in self.hidden.items()})
+                            {k: pick(v) for k, v in self.hidden.items()}, self.plan)
 
     def reorder(self, index: torch.Tensor) -> "DecoderState":
         """Rows ``index`` of the recurrent part only (beams of one sentence share the memory)."""
@@ -53,6 +56,14 @@ class StackedRNN(nn.Module):
     teacher forcing: its projection ``embed_proj`` is computed for all steps at once and passed in
     (``pre``); only ``extra`` (input feed or context) is projected per step. Cells follow
     torch.nn.LSTMCell / GRUCell exactly (GRU: n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))).
+
+    Speed (``plan``, built once per batch): for LSTM each layer's input and recurrent matmuls are
+    one addmm over [x; h] with the weights [W_x W_h] concatenated once per batch (and cast once to
+    the autocast dtype); under autograd their weight gradients are deferred to one large matmul
+    after the loop (nmtkit.kernels.SharedLinear); the gates' pointwise part runs in fp32, so the
+    cell state never accumulates in bf16. ``fuse_for_inference`` builds the concatenated layers
+    as nn.Linear modules once, so that translation neither re-concatenates weights per batch nor
+    hides them from dynamic quantization.
     """
 
     def __init__(self, rnn: str, input_size: int, extra_size: int, hidden_size: int, layers: int,
@@ -66,28 +77,119 @@ class StackedRNN(nn.Module):
         self.hidden_proj = nn.ModuleList(nn.Linear(hidden_size, gates) for _ in range(layers))
         self.dropout = nn.Dropout(dropout)
         self.layers = layers
+        self.hidden_size = hidden_size
+        self.fused: nn.ModuleList | None = None  # set by fuse_for_inference (never in a state dict)
+
+    def _layer_weights(self, layer: int):
+        """(W_x, b_x, W_h, b_h) of one layer; W_x is None for layer 0 without an extra input."""
+        if layer == 0:
+            x_proj, b_x = self.extra_proj, None
+            w_x = None if x_proj is None else x_proj.weight
+        else:
+            w_x, b_x = self.input_proj[layer - 1].weight, self.input_proj[layer - 1].bias
+        return w_x, b_x, self.hidden_proj[layer].weight, self.hidden_proj[layer].bias
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> None:
+        """Build per-layer [W_x W_h] nn.Linear modules (LSTM) for translation; weights are copies,
+        so call this after the weights are final (translate does, after loading a checkpoint)."""
+        if not self.lstm:
+            return
+        fused = []
+        for layer in range(self.layers):
+            w_x, b_x, w_h, b_h = self._layer_weights(layer)
+            weight = w_h if w_x is None else torch.cat([w_x, w_h], 1)
+            linear = nn.Linear(weight.size(1), weight.size(0), device=weight.device, dtype=weight.dtype)
+            linear.weight.copy_(weight)
+            linear.bias.copy_(b_h if b_x is None else b_x + b_h)
+            fused.append(linear)
+        self.fused = nn.ModuleList(fused)
+        self.fused.requires_grad_(False)
+
+    def state_dict(self, *args, **kwargs):
+        """The parameters only: the fused inference layers are derived copies, never saved."""
+        fused = self._modules.pop("fused", None)
+        try:
+            return super().state_dict(*args, **kwargs)
+        finally:
+            if fused is not None:
+                self._modules["fused"] = fused
+
+    def plan(self) -> list:
+        """Per-batch callables per layer: LSTM: [x; h] -> gates; GRU: (x -> gates or None, h -> gates)."""
+        if self.fused is not None:
+            return [_module_call(m) for m in self.fused]
+        dtype = compute_dtype(self.hidden_proj[0].weight.dtype)
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        plan = []
+        for layer in range(self.layers):
+            w_x, b_x, w_h, b_h = self._layer_weights(layer)
+            if self.lstm:
+                weight = w_h if w_x is None else torch.cat([w_x, w_h], 1)
+                plan.append(SharedLinear(cast(weight), cast(b_h if b_x is None else b_x + b_h)))
+            else:
+                plan.append((None if w_x is None else SharedLinear(cast(w_x), cast(b_x)),
+                             SharedLinear(cast(w_h), cast(b_h))))
+        return plan
+
+    def dropout_masks(self, steps: int, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Inverted-dropout masks between layers for all steps at once (T, L-1, B, H), or None."""
+        if not (self.training and self.dropout.p > 0 and self.layers > 1):
+            return None
+        keep = 1.0 - self.dropout.p
+        shape = (steps, self.layers - 1, batch, self.hidden_size)
+        return torch.empty(shape, device=like.device).bernoulli_(keep).div_(keep)
 
     def step(self, pre: torch.Tensor, extra: torch.Tensor | None, h: torch.Tensor,
-             c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """pre (B, G) = embed_proj(x_t), extra (B, X), h/c (B, L, H) -> new h, c (B, L, H)."""
+             c: torch.Tensor | None, plan: list | None = None, drop: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pre (B, G) = embed_proj(x_t), extra (B, X), h/c (B, L, H) -> new h, c (B, L, H).
+
+        ``plan`` from ``plan()`` (built here when not given); ``drop`` (L-1, B, H) the step's
+        dropout masks between layers (None: ``self.dropout`` is applied, a no-op in eval).
+        """
+        plan = self.plan() if plan is None else plan
         new_h, new_c = [], []
-        x_gates = pre if self.extra_proj is None else pre + self.extra_proj(extra)
+        x = extra
+        hs = h.unbind(1)  # one op (and one stack in backward), not a select per layer
+        cs = c.unbind(1) if self.lstm else None
         for layer in range(self.layers):
             if layer:
-                x_gates = self.input_proj[layer - 1](self.dropout(new_h[-1]))
-            h_gates = self.hidden_proj[layer](h[:, layer])  # (B, G)
+                below = new_h[-1]
+                x = below * drop[layer - 1] if drop is not None else self.dropout(below)
+            h_l = hs[layer]
             if self.lstm:
-                i, f, g, o = (x_gates + h_gates).chunk(4, dim=1)
-                cell = torch.sigmoid(f) * c[:, layer] + torch.sigmoid(i) * torch.tanh(g)
-                new_h.append(torch.sigmoid(o) * torch.tanh(cell))
-                new_c.append(cell)
+                xh = h_l if x is None else torch.cat([x.to(h_l.dtype), h_l], 1)
+                gates = plan[layer](xh)
+                if layer == 0:
+                    gates = gates + pre
+                h_new, c_new = lstm_cell(gates, cs[layer])
+                new_c.append(c_new)
             else:
-                xr, xz, xn = x_gates.chunk(3, dim=1)
-                hr, hz, hn = h_gates.chunk(3, dim=1)
-                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-                n = torch.tanh(xn + r * hn)
-                new_h.append((1 - z) * n + z * h[:, layer])
+                x_proj, h_proj = plan[layer]
+                x_gates = pre if layer == 0 else 0
+                if x_proj is not None:
+                    x_gates = x_proj(x) + x_gates
+                h_new = gru_cell(x_gates, h_proj(h_l), h_l)
+            new_h.append(h_new)
         return torch.stack(new_h, 1), (torch.stack(new_c, 1) if self.lstm else None)
+
+
+def _module_call(module: nn.Module):
+    """module(x) with x cast to the module's floating weight dtype (fp32 for quantized modules)."""
+    weight = getattr(module, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+    return lambda x: module(x.to(dtype))
+
+
+def per_step(module: nn.Module):
+    """A per-batch callable equal to ``module`` for a layer applied at every step: under autograd
+    an nn.Linear becomes a SharedLinear (weight cast once, weight gradient deferred)."""
+    if type(module) is nn.Linear and torch.is_grad_enabled() and module.weight.requires_grad:
+        dtype = compute_dtype(module.weight.dtype)
+        bias = None if module.bias is None else module.bias.to(dtype)
+        return SharedLinear(module.weight.to(dtype), bias)
+    return _module_call(module)
 
 
 class Decoder(nn.Module):
@@ -110,7 +212,11 @@ class Decoder(nn.Module):
         hidden = {"h": h0}
         if c0 is not None:
             hidden["c"] = c0
-        return DecoderState(enc.states, keys, enc.mask, enc.lengths, hidden)
+        return DecoderState(enc.states, keys, enc.mask, enc.lengths, hidden, self.plan())
+
+    def plan(self) -> dict[str, Any]:
+        """Per-batch callables for the layers used at every step (see StackedRNN.plan)."""
+        return {"rnn": self.rnn.plan()}
 
     def attend(self, state: DecoderState, query: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """query (B, Hq) at 1-based target step t -> context (B, Hm), weights (B, S)."""
@@ -125,24 +231,40 @@ class Decoder(nn.Module):
 
     def step(self, state: DecoderState, pre: dict[str, torch.Tensor], t: int
              ) -> tuple[torch.Tensor, torch.Tensor | None, DecoderState]:
-        """One target step from precomputed inputs -> output (B, O), weights (B, S), new state."""
+        """One target step from precomputed inputs -> output before dropout (B, O), weights (B, S),
+        new state. ``pre`` may hold "drop": the step's dropout masks between RNN layers."""
         raise NotImplementedError
 
     def step_tokens(self, state: DecoderState, y_prev: torch.Tensor, t: int):
         """One target step from the previous tokens y_prev (B,) (search)."""
         emb = self.dropout(self.embed(y_prev))  # (B, E)
-        return self.step(state, self.precompute(emb), t)
+        out, weights, state = self.step(state, self.precompute(emb), t)
+        return self.dropout(out), weights, state
 
     def forward(self, state: DecoderState, tgt_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher forcing: tgt_in (B, T) -> outputs (B, T, O), attention weights (B, T, S)."""
+        """Teacher forcing: tgt_in (B, T) -> outputs (B, T, O), attention weights (B, T, S).
+
+        Step-independent work is done here for all steps at once: embeddings and their input
+        projections, the dropout masks between RNN layers, and the dropout of the outputs.
+        """
+        B, T = tgt_in.shape
         pre = self.precompute(self.dropout(self.embed(tgt_in)))  # each (B, T, ...)
+        # unbind, not v[:, t]: its backward is one stack, not T full-size zero tensors and sums
+        steps: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
+        for k, v in pre.items():
+            for t, v_t in enumerate(v.unbind(1)):
+                steps[t][k] = v_t
+        drop = self.rnn.dropout_masks(T, B, tgt_in)  # (T, L-1, B, H) or None
+        if drop is not None:
+            for t, d in enumerate(drop.unbind(0)):
+                steps[t]["drop"] = d
         outputs, weights = [], []
-        for t in range(tgt_in.size(1)):
-            out, a, state = self.step(state, {k: v[:, t] for k, v in pre.items()}, t + 1)
+        for t in range(T):
+            out, a, state = self.step(state, steps[t], t + 1)
             outputs.append(out)
             weights.append(a)
         attn = torch.stack(weights, 1) if weights[0] is not None else None
-        return torch.stack(outputs, 1), attn
+        return self.dropout(torch.stack(outputs, 1)), attn
 
 
 @DECODERS.register("luong")
@@ -157,6 +279,9 @@ class LuongDecoder(Decoder):
         self.W_c = nn.Linear(memory_size + cfg.hidden_size, cfg.hidden_size, bias=False)
         self.output_size = cfg.hidden_size
 
+    def plan(self):
+        return {**super().plan(), "W_c": per_step(self.W_c)}
+
     def init_state(self, enc, h0, c0):
         state = super().init_state(enc, h0, c0)
         if self.input_feed:
@@ -165,16 +290,17 @@ class LuongDecoder(Decoder):
 
     def step(self, state, pre, t):
         hidden = state.hidden
-        h, c = self.rnn.step(pre["rnn"], hidden.get("feed"), hidden["h"], hidden.get("c"))
+        h, c = self.rnn.step(pre["rnn"], hidden.get("feed"), hidden["h"], hidden.get("c"), state.plan["rnn"],
+                             pre.get("drop"))
         top = h[:, -1]  # h_t (B, H)
         context, weights = self.attend(state, top, t)
-        h_tilde = torch.tanh(self.W_c(torch.cat([context, top], dim=1)))  # (B, H)
+        h_tilde = torch.tanh(state.plan["W_c"](torch.cat([context, top.to(context.dtype)], dim=1)))  # (B, H)
         new = {"h": h}
         if c is not None:
             new["c"] = c
         if self.input_feed:
             new["feed"] = h_tilde
-        return self.dropout(h_tilde), weights, replace(state, hidden=new)
+        return h_tilde, weights, replace(state, hidden=new)
 
 
 @DECODERS.register("bahdanau")
@@ -196,6 +322,9 @@ class BahdanauDecoder(Decoder):
     def precompute(self, emb):
         return {"rnn": self.rnn.embed_proj(emb), "out": self.V_o(emb)}
 
+    def plan(self):
+        return {**super().plan(), "U_o": per_step(self.U_o), "C_o": per_step(self.C_o)}
+
     def context(self, state: DecoderState, query: torch.Tensor, t: int):
         return self.attend(state, query, t)
 
@@ -203,11 +332,12 @@ class BahdanauDecoder(Decoder):
         hidden = state.hidden
         s_prev = hidden["h"][:, -1]  # s_{i-1} (B, H)
         context, weights = self.context(state, s_prev, t)  # c_i
-        t_tilde = self.U_o(s_prev) + pre["out"] + self.C_o(context)  # (B, 2l)
+        t_tilde = state.plan["U_o"](s_prev) + pre["out"] + state.plan["C_o"](context)  # (B, 2l)
         t_out = t_tilde.view(t_tilde.size(0), -1, 2).max(dim=-1).values  # maxout_pool2 (B, l)
-        h, c = self.rnn.step(pre["rnn"], context, hidden["h"], hidden.get("c"))  # s_i
+        h, c = self.rnn.step(pre["rnn"], context, hidden["h"], hidden.get("c"), state.plan["rnn"],
+                             pre.get("drop"))  # s_i
         new = {"h": h} if c is None else {"h": h, "c": c}
-        return self.dropout(t_out), weights, replace(state, hidden=new)
+        return t_out, weights, replace(state, hidden=new)
 
 
 @DECODERS.register("none")

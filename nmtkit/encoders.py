@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmtkit.config import ModelConfig
+from nmtkit.kernels import lstm_sequence, reverse_padded  # noqa: F401  (reverse_padded is used below)
 from nmtkit.registry import ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -26,16 +27,6 @@ class EncoderOutput:
     lengths: torch.Tensor  # (B,) long
     final_h: torch.Tensor  # (L, B, H) last state per layer; birnn: [→h_S; ←h_1]
     final_c: torch.Tensor | None  # (L, B, H) LSTM cell states, else None
-
-
-def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Reverse each sequence of x (B, S, ...) within its length; padding stays at the end."""
-    S = x.size(1)
-    pos = torch.arange(S, device=x.device).unsqueeze(0)  # (1, S)
-    rev = lengths.unsqueeze(1) - 1 - pos  # (B, S)
-    index = torch.where(rev >= 0, rev, pos)  # (B, S)
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(1, index)
 
 
 class RNNEncoder(nn.Module):
@@ -63,9 +54,13 @@ class RNNEncoder(nn.Module):
         emb = self.dropout(self.embed(src))  # (B, S, E)
         if self.reverse_source:
             emb = reverse_padded(emb, lengths)
-        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, final = self.rnn(packed)
-        states, _ = pad_packed_sequence(out, batch_first=True, total_length=S)  # (B, S, H)
+        if self.training and torch.is_grad_enabled() and isinstance(self.rnn, nn.LSTM):
+            # same function, a faster backward than packed sequences on CPU (kernels.lstm_sequence)
+            states, final = lstm_sequence(self.rnn, emb, lengths)
+        else:
+            packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, final = self.rnn(packed)
+            states, _ = pad_packed_sequence(out, batch_first=True, total_length=S)  # (B, S, H)
         if self.reverse_source:
             states = reverse_padded(states, lengths)
         h, c = final if isinstance(final, tuple) else (final, None)

@@ -103,16 +103,66 @@ class Seq2Seq(nn.Module):
         outputs, attn = self.decoder(self.encode(src, lengths), tgt_in)
         return self.generator(outputs), attn
 
-    def step(self, state: DecoderState, y_prev: torch.Tensor, t: int
+    def step(self, state: DecoderState, y_prev: torch.Tensor, t: int, log_probs: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor | None, DecoderState]:
-        """One search step: y_prev (B,) at 1-based step t -> log p (B, V) fp32, weights (B, S)."""
+        """One search step: y_prev (B,) at 1-based step t -> log p (B, V) fp32 (or the logits,
+        when ``log_probs`` is False: greedy search needs only their argmax), weights (B, S)."""
         out, weights, state = self.decoder.step_tokens(state, y_prev, t)
-        return F.log_softmax(self.generator(out).float(), dim=-1), weights, state
+        logits = self.generator(out).float()
+        return (F.log_softmax(logits, dim=-1) if log_probs else logits), weights, state
 
 
 def build_model(cfg: ModelConfig) -> Seq2Seq:
     cfg.validate()
     return Seq2Seq(cfg)
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Turns the in-place initialisers of module constructors into no-ops."""
+
+    SKIP = {"uniform_", "normal_", "zero_", "fill_", "kaiming_uniform_", "xavier_uniform_", "orthogonal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SKIP:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+def build_model_for_loading(cfg: ModelConfig) -> Seq2Seq:
+    """A model whose parameters are allocated but never initialised (their pages are not even
+    touched), for ``load_state_dict(..., assign=True)``: loading a checkpoint then costs neither
+    the random initialisation's time nor a second copy of the weights in memory."""
+    cfg.validate()
+    with _SkipInit():
+        return Seq2Seq(cfg)
+
+
+class _TokenNLL(torch.autograd.Function):
+    """Summed −log softmax(logits)[target] over non-padding rows (and the label-smoothing term
+    Σ −mean_v log p_v), without materialising log p: forward keeps only the logsumexp per row;
+    backward writes softmax − one-hot in one pass instead of log_softmax's, gather's (a zero-filled
+    (N, V) buffer) and log_softmax-backward's passes over the (N, V) logits."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=1)  # (N,)
+        keep = target != PAD
+        nll = ((lse - x.gather(1, target.unsqueeze(1)).squeeze(1)) * keep).sum()
+        uniform = ((lse - x.mean(dim=1)) * keep).sum()
+        ctx.save_for_backward(logits, lse, target, keep)
+        return nll, uniform
+
+    @staticmethod
+    def backward(ctx, g_nll, g_uniform):
+        logits, lse, target, keep = ctx.saved_tensors
+        V = logits.size(1)
+        row = keep.float() * (g_nll + g_uniform)  # (N,) both terms carry softmax
+        grad = logits.float().sub(lse.unsqueeze(1)).exp_().mul_(row.unsqueeze(1))  # (N, V)
+        if g_uniform.item() != 0:
+            grad.sub_((keep.float() * g_uniform / V).unsqueeze(1))
+        grad.scatter_add_(1, target.unsqueeze(1), (-keep.float() * g_nll).unsqueeze(1))
+        return grad.to(logits.dtype), None
 
 
 def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
@@ -122,11 +172,7 @@ def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
     logits (B, T, V), target (B, T) -> (loss to optimise, summed NLL). With label smoothing ε the
     loss is (1 − ε)·NLL + ε·mean_v(−log p_v), as in torch's cross_entropy(label_smoothing=ε).
     """
-    logp = F.log_softmax(logits.reshape(-1, logits.size(-1)).float(), dim=-1)  # (B*T, V)
-    flat = target.reshape(-1)  # (B*T,)
-    keep = flat != PAD
-    nll = -logp.gather(1, flat.unsqueeze(1)).squeeze(1).masked_select(keep).sum()
+    nll, uniform = _TokenNLL.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
     if not label_smoothing:
         return nll, nll.detach()
-    uniform = -logp.mean(dim=-1).masked_select(keep).sum()
     return (1 - label_smoothing) * nll + label_smoothing * uniform, nll.detach()

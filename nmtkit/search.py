@@ -26,26 +26,36 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_
     """src (B, S), lengths (B,), max_lens (B,) -> one token list per sentence (no EOS).
 
     ``min_len`` forbids EOS before that many tokens (benchmarks force equal output lengths).
+    The argmax is taken over the logits (the same as over log p, without the log-softmax).
     """
     B = src.size(0)
     state = model.encode(src, lengths)
-    out = torch.full((B, int(max_lens.max())), PAD, dtype=torch.long)
+    steps = int(max_lens.max())
+    tokens: list[torch.Tensor] = []  # per step: (N,) tokens of the live sentences
+    rows: list[torch.Tensor] = []  # per step: their original rows
     alive = torch.arange(B)  # original row of each live sentence
     y = torch.full((B,), BOS, dtype=torch.long, device=src.device)
     limits = max_lens.clone()
-    for t in range(1, out.size(1) + 1):
-        logp, _, state = model.step(state, y, t)  # (N, V)
+    for t in range(1, steps + 1):
+        logits, _, state = model.step(state, y, t, log_probs=False)  # (N, V)
         if t <= min_len:
-            logp[:, EOS] = -math.inf
-        y = logp.argmax(dim=-1)  # (N,)
-        out[alive, t - 1] = y.cpu()
-        done = (y == EOS).cpu() | (t >= limits)
-        if done.all():
-            break
-        if done.any():
+            logits[:, EOS] = -math.inf
+        y = logits.argmax(dim=-1)  # (N,)
+        y_cpu = y.cpu()
+        tokens.append(y_cpu)
+        rows.append(alive)
+        done = (y_cpu == EOS) | (t >= limits)
+        if bool(done.any()):
+            if bool(done.all()):
+                break
             keep = (~done).nonzero().squeeze(1)
-            alive, limits, y = alive[keep], limits[keep], y[keep.to(y.device)]
-            state = state.select(keep.to(y.device))
+            alive, limits = alive[keep], limits[keep]
+            keep = keep.to(y.device)
+            y = y.index_select(0, keep)
+            state = state.select(keep)
+    out = torch.full((B, steps), PAD, dtype=torch.long)
+    for t, (tok, row) in enumerate(zip(tokens, rows)):
+        out[row, t] = tok
     return [_strip(row) for row in out.tolist()]
 
 
@@ -63,7 +73,8 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_le
     """Batched beam search; hypotheses ranked by log p / length^length_penalty (length counts EOS).
 
     A sentence is done when ``beam`` hypotheses have ended (fairseq's rule) or it reaches its
-    limit, where the live hypotheses are finalised as they stand.
+    limit, where the live hypotheses are finalised as they stand. Per step the only Python loop
+    is over the hypotheses that end at that step (at most beam x sentences over the whole search).
     """
     device = src.device
     B, K = src.size(0), beam
@@ -72,28 +83,38 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_le
     scores[:, 0] = 0.0  # only one live hypothesis at the start
     history = torch.empty((B * K, 0), dtype=torch.long, device=device)
     y = torch.full((B * K,), BOS, dtype=torch.long, device=device)
-    alive = list(range(B))  # original index of each live sentence
-    limits = max_lens.tolist()
+    alive = torch.arange(B)  # original index of each live sentence
+    limits = max_lens.clone().cpu()
+    n_finished = torch.zeros(B, dtype=torch.long)  # per live sentence
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    offsets = torch.arange(2 * K, device=device)
     t = 0
-    while alive:
+    while len(alive):
         t += 1
         N = len(alive)
         logp, _, state = model.step(state, y, t)  # (N*K, V)
         if t <= min_len:
             logp[:, EOS] = -math.inf
-        V = logp.size(-1)
-        cand = (scores.view(N * K, 1) + logp).view(N, K * V)
-        top_scores, top_idx = cand.topk(2 * K, dim=1)  # (N, 2K)
-        top_beam, top_tok = top_idx // V, top_idx % V
+        # The 2K best of the K·V candidates score + log p come from the 2K best tokens of each
+        # beam: a per-row top-2K, then the top 2K of N·K·2K sums (not a sum over all K·V).
+        per = min(2 * K, logp.size(1))  # a beam's best tokens (all of them when V < 2K)
+        best, best_tok = logp.topk(per, dim=1)  # (N*K, per)
+        cand = (scores.view(N * K, 1) + best).view(N, K * per)
+        top_scores, top_pos = cand.topk(min(2 * K, K * per), dim=1)  # (N, 2K)
+        top_beam = top_pos // per
+        top_tok = best_tok.view(N, K * per).gather(1, top_pos)
         is_eos = top_tok == EOS
         # ended hypotheses: EOS among the K best candidates
-        for row, rank in (is_eos[:, :K] & (top_scores[:, :K] > -math.inf)).nonzero().tolist():
-            hyp = history[row * K + top_beam[row, rank]].tolist()
-            score = top_scores[row, rank].item() / (len(hyp) + 1) ** length_penalty
-            finished[alive[row]].append((score, hyp))
+        ended = is_eos[:, :K] & (top_scores[:, :K] > -math.inf)
+        if bool(ended.any()):
+            ended_rows, ended_ranks = ended.nonzero(as_tuple=True)
+            sources = ended_rows * K + top_beam[ended_rows, ended_ranks]
+            hyps = history.index_select(0, sources).tolist()
+            for row, score, hyp in zip(ended_rows.tolist(), top_scores[ended_rows, ended_ranks].tolist(), hyps):
+                finished[int(alive[row])].append((score / (len(hyp) + 1) ** length_penalty, hyp))
+            n_finished += ended.sum(1).cpu()
         # the K best candidates that continue
-        rank_key = is_eos.long() * (2 * K) + torch.arange(2 * K, device=device)
+        rank_key = is_eos.long() * (2 * K) + offsets[: is_eos.size(1)]
         pick = rank_key.argsort(dim=1)[:, :K]  # (N, K)
         scores = top_scores.gather(1, pick)
         beams = top_beam.gather(1, pick)
@@ -102,21 +123,23 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_le
         history = torch.cat([history.index_select(0, flat), tokens.view(-1, 1)], dim=1)
         state = state.reorder(flat)
         y = tokens.view(-1)
-        keep = []
-        for row, sent in enumerate(alive):
-            if len(finished[sent]) >= K:
-                continue
-            if t >= limits[sent]:  # out of length: finalise the live hypotheses as they are
+        complete = n_finished >= K
+        out_of_length = ~complete & (t >= limits)
+        if bool(out_of_length.any()):  # finalise the live hypotheses as they are
+            rows_ = out_of_length.nonzero().squeeze(1)
+            live = scores.index_select(0, rows_.to(device)).cpu()  # (R, K)
+            hyps = history.view(N, K, -1).index_select(0, rows_.to(device)).tolist()
+            for r, row in enumerate(rows_.tolist()):
                 for k in range(K):
-                    if scores[row, k] > -math.inf:
-                        hyp = history[row * K + k].tolist()
-                        finished[sent].append((scores[row, k].item() / len(hyp) ** length_penalty, hyp))
-                continue
-            keep.append(row)
-        if len(keep) < N:
-            rows = torch.tensor(keep, dtype=torch.long, device=device)
-            flat_keep = (rows.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
+                    if live[r, k] > -math.inf:
+                        hyp = hyps[r][k]
+                        finished[int(alive[row])].append((float(live[r, k]) / len(hyp) ** length_penalty, hyp))
+        leaving = complete | out_of_length
+        if bool(leaving.any()):
+            keep = (~leaving).nonzero().squeeze(1)
+            keep_dev = keep.to(device)
+            flat_keep = (keep_dev.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
             state, history, y = state.select(flat_keep), history.index_select(0, flat_keep), y[flat_keep]
-            scores = scores.index_select(0, rows)
-            alive = [alive[r] for r in keep]
+            scores = scores.index_select(0, keep_dev)
+            alive, limits, n_finished = alive[keep], limits[keep], n_finished[keep]
     return [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in finished]

@@ -15,6 +15,8 @@ after the recurrent matrix, r ⊙ (U h), where Bahdanau's App. A writes U (r ⊙
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,8 +258,8 @@ def test_input_feed_changes_the_next_step() -> None:
     for input_feed in (True, False):
         model = make_model(decoder="luong", attention="luong-general", rnn="lstm", input_feed=input_feed)
         state = model.encode(src, lengths)
-        other = DecoderState(state.memory, state.keys, state.mask, state.lengths,
-                             {**state.hidden, **({"feed": torch.ones_like(state.hidden["feed"])} if input_feed else {})})
+        other = dataclasses.replace(
+            state, hidden={**state.hidden, **({"feed": torch.ones_like(state.hidden["feed"])} if input_feed else {})})
         a, _, _ = model.step(state, y, 1)
         b, _, _ = model.step(other, y, 1)
         assert torch.allclose(a, b) != input_feed

@@ -1,0 +1,333 @@
+"""The fast paths compute what the plain ones compute.
+
+- kernels.SharedLinear (deferred weight gradients) == F.linear step by step, values and gradients;
+- the decoder's fused LSTM/GRU step == torch.nn.LSTMCell / GRUCell with the same weights, also
+  after fuse_for_inference;
+- kernels.lstm_sequence (training encoder) == nn.LSTM over packed sequences, values and gradients;
+- every decoder's gradients with deferred weight gradients == plain autograd;
+- the fused token NLL == F.cross_entropy (with and without label smoothing), values and gradients;
+- greedy and beam search == the straightforward reference implementations below;
+- bf16 and int8 translation give the fp32 tokens on a trained toy model (tolerance documented);
+- bf16 training really runs its matmuls in bf16.
+
+No timing assertions: speed is measured by bench/.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import small_config
+from nmtkit.checkpoint import LoadedModel
+from nmtkit.config import ModelConfig
+from nmtkit.data import DataDir
+from nmtkit.decoders import StackedRNN
+from nmtkit.kernels import SharedLinear, lstm_sequence, plain_autograd
+from nmtkit.model import build_model, sequence_loss
+from nmtkit.search import beam_search, greedy_search, max_lengths
+from nmtkit.tokenizer import BOS, EOS, PAD
+from nmtkit.train import train
+from nmtkit.translate import DecodeOptions, autocast, prepare_for_inference, translate_ids
+
+DECODER_SETUPS = [  # (decoder, attention, window, rnn, input_feed)
+    ("luong", "luong-general", "global", "lstm", True),
+    ("luong", "luong-dot", "local-p", "gru", True),
+    ("luong", "luong-concat", "local-m", "lstm", False),
+    ("bahdanau", "bahdanau", "global", "gru", True),
+    ("bahdanau", "bahdanau", "global", "lstm", True),
+    ("none", "none", "global", "lstm", True),
+]
+
+
+def toy_batch(seed: int = 0, vocab: int = 20, tgt_vocab: int = 22):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([7, 6, 5, 3, 2])
+    src = torch.randint(4, vocab, (5, 7), generator=gen)
+    for i, n in enumerate(lengths):
+        src[i, n:] = PAD
+    tgt = torch.randint(4, tgt_vocab, (5, 6), generator=gen)
+    return src, lengths, tgt
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_shared_linear_equals_linear_values_and_gradients(batched):
+    torch.manual_seed(0)
+    shape = (2, 8, 5) if batched else (8, 5)
+    weight = torch.randn(*shape, requires_grad=True)
+    bias = torch.randn(*shape[:-2], 8, requires_grad=True)
+    xs = [torch.randn(*shape[:-2], 3, 5, requires_grad=True) for _ in range(4)]
+
+    def run(linear):
+        h, outs = torch.zeros(*shape[:-2], 3, 8), []
+        for x in xs:  # a recurrence, so that per-step gradients differ
+            h = torch.tanh(linear(x) + 0.5 * h)
+            outs.append(h)
+        loss = sum((o * (i + 1)).sum() for i, o in enumerate(outs))
+        return torch.autograd.grad(loss, [weight, bias, *xs])
+
+    def plain(x):
+        y = torch.matmul(x, weight.transpose(-1, -2))
+        return y + bias.unsqueeze(-2)
+
+    for got, want in zip(run(SharedLinear(weight, bias)), run(plain)):
+        torch.testing.assert_close(got, want)
+
+
+def _stacked(rnn: str, extra: int = 6) -> StackedRNN:
+    torch.manual_seed(0)
+    return StackedRNN(rnn, input_size=4, extra_size=extra, hidden_size=5, layers=2, dropout=0.0).eval()
+
+
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_stacked_step_equals_torch_cells(rnn, fused):
+    """Layer 0 sees [x; extra]; layer 1 sees layer 0's output: torch cells with the same weights."""
+    stack = _stacked(rnn)
+    cell_class = torch.nn.LSTMCell if rnn == "lstm" else torch.nn.GRUCell
+    cells = [cell_class(4 + 6, 5), cell_class(5, 5)]
+    with torch.no_grad():
+        cells[0].weight_ih.copy_(torch.cat([stack.embed_proj.weight, stack.extra_proj.weight], 1))
+        cells[0].bias_ih.copy_(stack.embed_proj.bias)
+        cells[1].weight_ih.copy_(stack.input_proj[0].weight)
+        cells[1].bias_ih.copy_(stack.input_proj[0].bias)
+        for layer in range(2):
+            cells[layer].weight_hh.copy_(stack.hidden_proj[layer].weight)
+            cells[layer].bias_hh.copy_(stack.hidden_proj[layer].bias)
+    if fused:
+        stack.fuse_for_inference()
+    x, extra = torch.randn(3, 4), torch.randn(3, 6)
+    h, c = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    with torch.no_grad():
+        new_h, new_c = stack.step(stack.embed_proj(x), extra, h, c if rnn == "lstm" else None)
+        inp = torch.cat([x, extra], 1)
+        for layer, cell in enumerate(cells):
+            if rnn == "lstm":
+                want_h, want_c = cell(inp, (h[:, layer], c[:, layer]))
+                torch.testing.assert_close(new_c[:, layer], want_c)
+            else:
+                want_h = cell(inp, h[:, layer])
+            torch.testing.assert_close(new_h[:, layer], want_h)
+            inp = want_h
+
+
+def test_fused_layers_are_not_saved():
+    stack = _stacked("lstm")
+    keys = set(stack.state_dict())
+    stack.fuse_for_inference()
+    assert set(stack.state_dict()) == keys
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_lstm_sequence_equals_packed_lstm(bidirectional):
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(6, 5, num_layers=2, batch_first=True, bidirectional=bidirectional)
+    x = torch.randn(4, 7, 6, requires_grad=True)
+    lengths = torch.tensor([7, 3, 5, 1])
+    packed_out, (h1, c1) = rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    out1, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=7)
+    out2, (h2, c2) = lstm_sequence(rnn, x, lengths)
+    for got, want in ((out2, out1), (h2, h1), (c2, c1)):
+        torch.testing.assert_close(got, want)
+    weights = [torch.randn_like(t) for t in (out1, h1, c1)]
+    params = [x, *rnn.parameters()]
+    grads1 = torch.autograd.grad(sum((t * w).sum() for t, w in zip((out1, h1, c1), weights)), params)
+    grads2 = torch.autograd.grad(sum((t * w).sum() for t, w in zip((out2, h2, c2), weights)), params)
+    for got, want in zip(grads2, grads1):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("decoder,attention,window,rnn,input_feed", DECODER_SETUPS)
+def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn, input_feed):
+    cfg = ModelConfig(decoder=decoder, attention=attention, window=window, rnn=rnn, input_feed=input_feed,
+                      layers=2, hidden_size=12, embed_size=8, dropout=0.0, src_vocab_size=20,
+                      tgt_vocab_size=22)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    src, lengths, tgt = toy_batch()
+
+    def grads():
+        model.zero_grad()
+        logits, _ = model(src, lengths, tgt)
+        sequence_loss(logits, tgt, 0.1)[0].backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast_logits, fast = grads()
+    with plain_autograd():
+        plain_logits, plain = grads()
+    torch.testing.assert_close(fast_logits, plain_logits)
+    assert fast.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], msg=name)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_sequence_loss_equals_cross_entropy(smoothing):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    target = torch.randint(1, 11, (3, 5))
+    target[0, 3:] = PAD
+    loss, nll = sequence_loss(logits, target, smoothing)
+    flat = (logits.view(-1, 11), target.view(-1))
+    want = F.cross_entropy(*flat, ignore_index=PAD, reduction="sum", label_smoothing=smoothing)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(nll, F.cross_entropy(*flat, ignore_index=PAD, reduction="sum"))
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(want, logits)[0])
+
+
+# ----------------------------------------------------------------------------- search
+
+@torch.no_grad()
+def reference_greedy(model, src, lengths, max_lens, min_len=0):
+    """One sentence at a time, one step at a time: argmax of log p."""
+    results = []
+    for b in range(src.size(0)):
+        state = model.encode(src[b:b + 1, :lengths[b]], lengths[b:b + 1])
+        y, out = torch.tensor([BOS]), []
+        for t in range(1, int(max_lens[b]) + 1):
+            logp, _, state = model.step(state, y, t)
+            if t <= min_len:
+                logp[:, EOS] = -math.inf
+            y = logp.argmax(-1)
+            if int(y) == EOS:
+                break
+            out.append(int(y))
+        results.append(out)
+    return results
+
+
+@torch.no_grad()
+def reference_beam(model, src, lengths, max_lens, beam, length_penalty=1.0, min_len=0):
+    """One sentence at a time with Python lists of hypotheses; the same rules as search.beam_search:
+    rank by log p / len^lp (len counts EOS), K best candidates per step, EOS among them ends a
+    hypothesis, done after K ended or at the limit (live hypotheses finalised as they stand)."""
+    results = []
+    for b in range(src.size(0)):
+        state = model.encode(src[b:b + 1, :lengths[b]], lengths[b:b + 1])
+        state = state.select(torch.zeros(beam, dtype=torch.long))
+        live = [(0.0, [])] + [(-math.inf, [])] * (beam - 1)
+        finished = []
+        y = torch.full((beam,), BOS)
+        for t in range(1, int(max_lens[b]) + 1):
+            logp, _, state = model.step(state, y, t)
+            if t <= min_len:
+                logp[:, EOS] = -math.inf
+            V = logp.size(1)
+            cand = (torch.tensor([s for s, _ in live]).unsqueeze(1) + logp).view(-1)
+            top_s, top_i = cand.topk(2 * beam)
+            chosen = []
+            for rank, (score, idx) in enumerate(zip(top_s.tolist(), top_i.tolist())):
+                k, tok = divmod(idx, V)
+                if tok == EOS:
+                    if rank < beam and score > -math.inf:
+                        hyp = live[k][1]
+                        finished.append((score / (len(hyp) + 1) ** length_penalty, hyp))
+                elif len(chosen) < beam:
+                    chosen.append((score, k, tok))
+            while len(chosen) < beam:  # fewer than K non-EOS among 2K (only when V is tiny)
+                chosen.append((-math.inf, 0, EOS))
+            state = state.reorder(torch.tensor([k for _, k, _ in chosen]))
+            live = [(s, live[k][1] + [tok]) for s, k, tok in chosen]
+            y = torch.tensor([tok for _, _, tok in chosen])
+            if len(finished) >= beam:
+                break
+            if t >= int(max_lens[b]):
+                finished += [(s / len(h) ** length_penalty, h) for s, h in live if s > -math.inf]
+        results.append(max(finished, key=lambda h: h[0])[1] if finished else [])
+    return results
+
+
+@pytest.fixture(scope="module")
+def toy_model(reverse_data, tmp_path_factory):
+    """A small luong model trained (briefly) on the reverse task: a checkpoint and test sources."""
+    save = tmp_path_factory.mktemp("speed-model")
+    config = small_config(layers=2)
+    config.train.epochs = 4
+    train(reverse_data, save, config, log=lambda m: None)
+    data = DataDir(reverse_data).split("test")
+    sources = [data.source(i).tolist() for i in range(len(data))]
+    return save / "best.pt", sources
+
+
+def _batch(sources):
+    lengths = torch.tensor([len(s) for s in sources])
+    src = torch.full((len(sources), int(lengths.max())), PAD, dtype=torch.long)
+    for i, s in enumerate(sources):
+        src[i, :len(s)] = torch.tensor(s)
+    return src, lengths
+
+
+@pytest.mark.parametrize("min_len", [0, 9])
+def test_greedy_and_beam_equal_reference(toy_model, min_len):
+    model = LoadedModel(toy_model[0]).model.eval()
+    src, lengths = _batch(toy_model[1][:24])
+    limits = max_lengths(lengths, 1.5)
+    assert greedy_search(model, src, lengths, limits, min_len) == reference_greedy(model, src, lengths, limits, min_len)
+    for beam, lp in ((3, 1.0), (5, 0.6)):
+        got = beam_search(model, src, lengths, limits, beam, lp, min_len)
+        assert got == reference_beam(model, src, lengths, limits, beam, lp, min_len)
+
+
+def test_forced_length_gives_exactly_that_many_tokens(toy_model):
+    loaded = LoadedModel(toy_model[0])
+    for beam in (1, 4):
+        opts = DecodeOptions(beam=beam, batch_size=8, min_len=11, max_len=11)
+        outs = translate_ids(prepare_for_inference(loaded.model), toy_model[1][:16], opts)
+        assert all(len(o) == 11 for o in outs)
+
+
+@pytest.mark.parametrize("precision,quantize", [("bf16", "none"), ("fp32", "int8")])
+def test_reduced_precision_translation_gives_fp32_tokens(toy_model, precision, quantize):
+    """Tolerance: at least 97% of sentences identical to fp32 (bf16 keeps 8 bits of mantissa,
+    int8 weights 8 bits: a near-tie between two tokens can flip); on this task all do."""
+    path, sources = toy_model
+    opts = DecodeOptions(beam=4, batch_size=32)
+    reference = translate_ids(prepare_for_inference(LoadedModel(path).model), sources, opts)
+    model = prepare_for_inference(LoadedModel(path).model, precision, quantize)
+    opts.precision = precision
+    got = translate_ids(model, sources, opts)
+    same = sum(a == b for a, b in zip(got, reference)) / len(sources)
+    assert same >= 0.97, f"{precision}/{quantize}: only {same:.1%} of sentences equal fp32"
+    if quantize == "int8":
+        from torch.ao.nn.quantized import dynamic
+
+        modules = list(model.modules())
+        assert any(isinstance(m, dynamic.LSTM) for m in modules)
+        assert not any(type(m) is torch.nn.Linear for m in modules)  # every Linear is quantized
+        assert all(isinstance(m, dynamic.Linear) for m in model.decoder.rnn.fused)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records (dtype, FLOPs) of every matrix multiply that actually runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "bmm", "baddbmm", "_mkldnn_rnn_layer", "mkldnn_rnn_layer"):
+            a = args[1] if name in ("addmm", "baddbmm") else args[0]
+            flops = 2 * out.numel() * a.shape[-1] if name != "mkldnn_rnn_layer" else 0
+            self.flops[a.dtype] = self.flops.get(a.dtype, 0) + flops
+        return out
+
+
+def test_bf16_training_runs_bf16_matmuls():
+    cfg = ModelConfig(layers=2, hidden_size=32, embed_size=16, dropout=0.3, src_vocab_size=20, tgt_vocab_size=22)
+    model = build_model(cfg)
+    src, lengths, tgt = toy_batch()
+    with MatmulDtypes() as record:
+        with autocast("bf16"):
+            logits, _ = model(src, lengths, tgt)
+        sequence_loss(logits, tgt)[0].backward()
+    total = sum(record.flops.values())
+    assert record.flops.get(torch.bfloat16, 0) / total > 0.95, record.flops
