@@ -41,8 +41,15 @@ def fetch(out: Path, langs: tuple[str, ...]) -> None:
                 print(f"copied {local} -> {target}", file=sys.stderr)
             else:
                 print(f"downloading {URL.format(name=name)}", file=sys.stderr)
-                with urllib.request.urlopen(URL.format(name=name), timeout=60) as r, open(target, "wb") as f:
-                    shutil.copyfileobj(r, f)
+                partial = target.with_name(target.name + ".part")
+                try:
+                    with urllib.request.urlopen(URL.format(name=name), timeout=60) as r, open(partial, "wb") as f:
+                        shutil.copyfileobj(r, f)
+                except OSError as e:  # URLError, timeouts, disk errors
+                    partial.unlink(missing_ok=True)
+                    sys.exit(f"data/multi30k.py: cannot download {name} ({e}); no local mirror found in "
+                             f"{', '.join(map(str, mirrors()))} (set NMTKIT_DATA_MIRROR to a folder holding multi30k/)")
+                partial.replace(target)
 
 
 if __name__ == "__main__":
