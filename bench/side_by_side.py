@@ -193,12 +193,22 @@ def train_nmtkit(precision: str, steps: int, tag: str) -> dict:
            "--batch-tokens", "1000000", "--batch-sents", "64", "--max-steps", str(steps), "--epochs", "1000",
            "--no-valid-bleu", "--precision", precision, "--set", "train.log_every=10"]
     result = run(cmd, RUNS / f"nmtkit-{precision}-{tag}.log")
-    tokens = seconds = 0.0
+    return {**result, **nmtkit_windows(save, steps), "model": str(save / "best.pt")}
+
+
+def nmtkit_windows(save: Path, steps: int) -> dict:
+    """tokens/s over steps 21..steps, and the median of the 10-step windows' tokens/s."""
+    windows = []
     for line in (save / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("event") == "train" and 20 < rec["step"] <= steps:
-            tokens, seconds = tokens + rec["tokens"], seconds + rec["seconds"]
-    return {**result, "tok_s": tokens / seconds, "model": str(save / "best.pt")}
+            windows.append((rec["tokens"], rec["seconds"]))
+    return summarise(windows)
+
+
+def summarise(windows: list[tuple[float, float]]) -> dict:
+    tokens, seconds = sum(t for t, _ in windows), sum(s for _, s in windows)
+    return {"tok_s": tokens / seconds, "tok_s_window_median": median([t / s for t, s in windows])}
 
 
 STEP = re.compile(r"Step\s+(\d+)/\s*\d+;.*?bsz:\s*[\d.]+/\s*([\d.]+)/\s*[\d.]+;\s*[\d.]+/\s*([\d.]+) tok/s")
@@ -212,15 +222,19 @@ def train_onmt(steps: int, tag: str) -> dict:
     cmd = [str(ONMT_BIN / "onmt_train"), "-config", str(RUNS / "onmt" / "config.yaml"),
            "-save_model", str(save / "model")]
     result = run(cmd, log, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
-    tokens = seconds = 0.0
+    return {**result, **onmt_windows(log, steps), "model": str(save / f"model_step_{steps}.pt")}
+
+
+def onmt_windows(log: Path, steps: int) -> dict:
+    windows = []
     for m in STEP.finditer(log.read_text(errors="replace")):
         step, per_batch, tok_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
         if 20 < step <= steps:
-            window = per_batch * 10  # report_every 10 batches
-            tokens, seconds = tokens + window, seconds + window / tok_s
-    if not seconds:
+            tokens = per_batch * 10  # report_every 10 batches; bsz = target tokens per batch
+            windows.append((tokens, tokens / tok_s))
+    if not windows:
         raise SystemExit(f"no step lines parsed in {log}")
-    return {**result, "tok_s": tokens / seconds, "model": str(save / f"model_step_{steps}.pt")}
+    return summarise(windows)
 
 
 # ----------------------------------------------------------------------------- translation
@@ -259,8 +273,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--no-onmt", action="store_true", help="nmtkit only")
     ap.add_argument("--skip-train", action="store_true", help="reuse the round-1 models of a previous run")
+    ap.add_argument("--report-only", action="store_true", help="print the tables of runs/bench/results.json again")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for every run and the matmul peak (0: the toolkits' default, all cores)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     onmt = not args.no_onmt
+    if args.report_only:
+        saved = json.loads((RUNS / "results.json").read_text())
+        results = saved["results"]
+        for key, runs_ in results.items():  # window medians from the logs (older result files lack them)
+            for r, res in enumerate(runs_, 1):
+                if key.startswith("train_nmtkit_"):
+                    res.update(nmtkit_windows(RUNS / f"nmtkit-{key.rsplit('_', 1)[1]}-r{r}", args.steps))
+                elif key == "train_onmt_fp32":
+                    res.update(onmt_windows(RUNS / f"onmt-r{r}.log", args.steps))
+        report(results, saved["padding"], saved["flops"], "train_onmt_fp32" in results or "onmt_fp32_none_beam1_natural" in results)
+        return
     setup(onmt, args.steps)
     pad = padding_report()
     flops = flops_per_target_token(pad["src_per_tgt"], pad["src_len"])
@@ -329,17 +362,28 @@ def report(results, pad, flops, onmt) -> None:
           f"(forward: decoder {flops['decoder'] / 1e6:.1f} M + encoder {flops['encoder'] / 1e6:.1f} M)\n")
     print(f"Padding of 64-sentence length-bucketed batches: source {pad['src_padding']:.1%}, "
           f"target {pad['tgt_padding']:.1%} ({pad['batches']} batches)\n")
-    print("| training (steps 21-200) | tokens/s | MFU | peak RSS MiB | ÷ OpenNMT-py tokens/s | loads |")
-    print("|---|---|---|---|---|---|")
+    print("| training (steps 21-200) | tokens/s | MFU | ÷ OpenNMT-py | median 10-step window tokens/s | MFU | ÷ OpenNMT-py | peak RSS MiB | loads |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = med("train_onmt_fp32", "tok_s") if onmt else float("nan")
+    base_w = med("train_onmt_fp32", "tok_s_window_median") if onmt else float("nan")
     for key, label, peak in (("train_nmtkit_fp32", "nmtkit fp32", peak32), ("train_nmtkit_bf16", "nmtkit bf16", peak16),
                              ("train_onmt_fp32", "OpenNMT-py 3.5.1 fp32", peak32)):
         if key not in results:
             continue
-        tok = med(key, "tok_s")
-        mfu = tok * flops["train"] / (peak * 1e9)
-        print(f"| {label} | {tok:.0f} | {mfu:.0%} of {'bf16' if 'bf16' in key else 'fp32'} peak | "
-              f"{med(key, 'rss_mib'):.0f} | {tok / base:.2f} | {loads(key)} |")
+        tok, tok_w = med(key, "tok_s"), med(key, "tok_s_window_median")
+        which = "bf16" if "bf16" in key else "fp32"
+        mfu, mfu_w = (x * flops["train"] / (peak * 1e9) for x in (tok, tok_w))
+        print(f"| {label} | {tok:.0f} | {mfu:.0%} of {which} peak | {tok / base:.2f} | {tok_w:.0f} | {mfu_w:.0%} | "
+              f"{tok_w / base_w:.2f} | {med(key, 'rss_mib'):.0f} | {loads(key)} |")
+    # throughput net of start-up: each run's wall time minus the MEDIAN start-up of its toolkit
+    # (a single round's start-up can be an outlier: page cache evicted by other jobs)
+    startup = {kit: med(f"startup_{kit}", "wall") for kit in ("nmtkit", "onmt") if f"startup_{kit}" in results}
+    for key, runs_ in results.items():
+        kit = key.split("_", 1)[0]
+        if kit in startup and not key.startswith("startup_"):
+            for res in runs_:
+                net = max(res["wall"] - startup[kit], 1e-6)
+                res["sent_s"], res["tok_s"] = 500 / net, res["out_tokens"] / net
     print("\n| translation, 500 sentences, batch 32 | sent/s | out tokens/s | wall s | peak RSS MiB | ÷ OpenNMT-py sent/s | loads |")
     print("|---|---|---|---|---|---|---|")
     for key in results:
