@@ -12,7 +12,6 @@ import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -301,9 +300,3 @@ def token_batches(src_lens: np.ndarray, tgt_lens: np.ndarray, batch_tokens: int,
     if shuffle:
         batches = [batches[i] for i in gen.permutation(len(batches))]
     return batches
-
-
-def iterate_batches(data: ParallelData, batches: list[np.ndarray], start: int = 0) -> Iterator[Batch]:
-    for b in batches[start:]:
-        yield collate(data, b)
-
