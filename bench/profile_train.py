@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from nmtkit.config import Config
 from nmtkit.data import DataDir, collate, token_batches
-from nmtkit.model import build_model, sequence_loss
+from nmtkit.model import build_model
 from nmtkit.train import make_optimizer, prepare_config
 from nmtkit.translate import autocast
 
@@ -54,8 +54,7 @@ def main() -> None:
     def step(b):
         batch = collate(train, b)
         with autocast(args.precision):
-            logits, _ = model(batch.src, batch.src_lens, batch.tgt_in)
-        loss, _ = sequence_loss(logits, batch.tgt_out)
+            loss, _ = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out)
         opt.zero_grad(set_to_none=True)
         (loss / batch.target_tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

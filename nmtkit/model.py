@@ -12,6 +12,7 @@ import nmtkit.encoders  # noqa: F401  (registers encoders)
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
+from nmtkit.kernels import wide
 from nmtkit.registry import BRIDGES, DECODERS, ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -97,10 +98,15 @@ class Seq2Seq(nn.Module):
         h0, c0 = self.bridge(enc)
         return self.decoder.init_state(enc, h0, c0)
 
-    def forward(self, src: torch.Tensor, lengths: torch.Tensor, tgt_in: torch.Tensor
+    def forward(self, src: torch.Tensor, lengths: torch.Tensor, tgt_in: torch.Tensor,
+                tgt_out: torch.Tensor | None = None, label_smoothing: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher forcing -> logits (B, T, V), attention weights (B, T, S) or None."""
+        """Teacher forcing -> logits (B, T, V), attention weights (B, T, S) or None; given the
+        targets tgt_out (B, T) -> (loss, summed NLL) of ``generator_loss`` instead, without ever
+        holding the (B, T, V) logits (training and validation go this way)."""
         outputs, attn = self.decoder(self.encode(src, lengths), tgt_in)
+        if tgt_out is not None:
+            return generator_loss(outputs, self.generator, tgt_out, label_smoothing)
         return self.generator(outputs), attn
 
     def step(self, state: DecoderState, y_prev: torch.Tensor, t: int, log_probs: bool = True
@@ -137,42 +143,92 @@ def build_model_for_loading(cfg: ModelConfig) -> Seq2Seq:
         return Seq2Seq(cfg)
 
 
-class _TokenNLL(torch.autograd.Function):
-    """Summed −log softmax(logits)[target] over non-padding rows (and the label-smoothing term
-    Σ −mean_v log p_v), without materialising log p: forward keeps only the logsumexp per row;
-    backward writes softmax − one-hot in one pass instead of log_softmax's, gather's (a zero-filled
-    (N, V) buffer) and log_softmax-backward's passes over the (N, V) logits."""
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits alive at once in the training loss (16 MB in fp32)
+
+
+class _GeneratorNLL(torch.autograd.Function):
+    """The output layer z = W h + b (Luong eq. 6 W_s, Bahdanau A.2.2 W_o) and the summed NLL,
+    computed in chunks of rows so that at most LOSS_CHUNK_ELEMENTS logits exist at a time.
+
+    For rows h_i (N, H) with targets y_i, p_i = softmax(z_i) and lse_i = log Σ_v exp z_i[v]:
+        nll = Σ_i (lse_i − z_i[y_i]),   uniform = Σ_i (lse_i − mean_v z_i[v])
+    (the label-smoothing term). Their gradient is linear in the two upstream scalars g_n, g_u:
+        ∂/∂z_i = (g_n + g_u) p_i − g_n e_{y_i} − g_u / V, hence
+        ∂h_i = (g_n + g_u) p_i W − g_n W[y_i] − g_u mean_v W[v]
+        ∂W   = (g_n + g_u) Σ_i p_i h_iᵀ − g_n Σ_i e_{y_i} h_iᵀ − (g_u / V) 1 (Σ_i h_i)ᵀ
+        ∂b   = (g_n + g_u) Σ_i p_i − g_n Σ_i e_{y_i} − g_u N / V.
+    So forward computes p W, Σ p hᵀ and Σ p chunk by chunk (the matmuls a backward through the
+    logits would do anyway, no recomputation) and keeps no logits for backward: training memory no
+    longer grows with tokens × vocabulary.
+    """
 
     @staticmethod
-    def forward(ctx, logits, target):
-        x = logits.float()
-        lse = torch.logsumexp(x, dim=1)  # (N,)
-        keep = target != PAD
-        nll = ((lse - x.gather(1, target.unsqueeze(1)).squeeze(1)) * keep).sum()
-        uniform = ((lse - x.mean(dim=1)) * keep).sum()
-        ctx.save_for_backward(logits, lse, target, keep)
+    def forward(ctx, h, weight, bias, target, dtype, need_grad):
+        # h (N, H) non-padding rows, weight (V, H), bias (V,), target (N,); matmuls in ``dtype``;
+        # need_grad: whether to do the gradient work (ctx.needs_input_grad ignores no_grad mode)
+        acc = wide(h).dtype  # fp32 (or fp64) for logits and accumulators
+        n, v = h.size(0), weight.size(0)
+        hc, w, b = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        nll = torch.zeros((), dtype=acc, device=h.device)
+        uniform = torch.zeros((), dtype=acc, device=h.device)
+        if need_grad:
+            p_w = torch.empty(n, h.size(1), dtype=acc, device=h.device)  # (N, H) Σ_v p_iv W[v]
+            p_h = torch.zeros(v, h.size(1), dtype=acc, device=h.device)  # (V, H) Σ_i p_i h_iᵀ
+            p_sum = torch.zeros(v, dtype=acc, device=h.device)  # (V,) Σ_i p_i
+        rows = max(1, LOSS_CHUNK_ELEMENTS // v)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, n, rows):
+                e = min(s + rows, n)
+                z = torch.addmm(b, hc[s:e], w.t()).to(acc)  # (C, V)
+                lse = torch.logsumexp(z, dim=1)  # (C,)
+                nll += (lse - z.gather(1, target[s:e].unsqueeze(1)).squeeze(1)).sum()
+                uniform += (lse - z.mean(dim=1)).sum()
+                if need_grad:
+                    p = z.sub_(lse.unsqueeze(1)).exp_()  # (C, V) softmax, in place of z
+                    p_sum += p.sum(dim=0)
+                    pc = p.to(dtype)
+                    p_w[s:e] = pc.mm(w)
+                    p_h += pc.t().mm(hc[s:e])
+        if need_grad:
+            ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)
         return nll, uniform
 
     @staticmethod
-    def backward(ctx, g_nll, g_uniform):
-        logits, lse, target, keep = ctx.saved_tensors
-        V = logits.size(1)
-        row = keep.float() * (g_nll + g_uniform)  # (N,) both terms carry softmax
-        grad = logits.float().sub(lse.unsqueeze(1)).exp_().mul_(row.unsqueeze(1))  # (N, V)
-        if g_uniform.item() != 0:
-            grad.sub_((keep.float() * g_uniform / V).unsqueeze(1))
-        grad.scatter_add_(1, target.unsqueeze(1), (-keep.float() * g_nll).unsqueeze(1))
-        return grad.to(logits.dtype), None
+    def backward(ctx, g_n, g_u):
+        h, weight, target, p_w, p_h, p_sum = ctx.saved_tensors
+        n, v = h.size(0), weight.size(0)
+        g_n, g_u = g_n.to(p_w.dtype), g_u.to(p_w.dtype)
+        g = g_n + g_u
+        d_h = d_w = d_b = None
+        if ctx.needs_input_grad[0]:
+            w = weight.to(p_w.dtype)
+            d_h = (p_w * g - g_n * w[target] - g_u * w.mean(dim=0)).to(h.dtype)  # (N, H)
+        if ctx.needs_input_grad[1]:
+            hw = h.to(p_h.dtype)
+            d_w = (p_h * g).index_add_(0, target, hw * -g_n)  # (V, H)
+            d_w = (d_w - (g_u / v) * hw.sum(dim=0)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            counts = torch.bincount(target, minlength=v).to(p_sum.dtype)  # (V,)
+            d_b = (p_sum * g - g_n * counts - g_u * n / v).to(weight.dtype)
+        return d_h, d_w, d_b, None, None, None
 
 
-def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over non-padding tokens, for all steps at once.
+def generator_loss(outputs: torch.Tensor, generator: nn.Linear, target: torch.Tensor,
+                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the generator's softmax over non-padding tokens, for all steps at once.
 
-    logits (B, T, V), target (B, T) -> (loss to optimise, summed NLL). With label smoothing ε the
-    loss is (1 − ε)·NLL + ε·mean_v(−log p_v), as in torch's cross_entropy(label_smoothing=ε).
+    outputs (B, T, H) decoder outputs, target (B, T) -> (loss to optimise, summed NLL, detached).
+    With label smoothing ε the loss is (1 − ε)·NLL + ε·mean_v(−log p_v), as torch's
+    cross_entropy(label_smoothing=ε). Padding rows are dropped before the output layer.
     """
-    nll, uniform = _TokenNLL.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
+    device = outputs.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else wide(outputs).dtype
+    flat = target.reshape(-1)
+    rows = (flat != PAD).nonzero().squeeze(1)  # (N,)
+    h = outputs.reshape(-1, outputs.size(-1)).index_select(0, rows)  # (N, H)
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, generator.weight, generator.bias))
+    nll, uniform = _GeneratorNLL.apply(h, generator.weight, generator.bias, flat.index_select(0, rows), dtype,
+                                       need_grad)
     if not label_smoothing:
         return nll, nll.detach()
     return (1 - label_smoothing) * nll + label_smoothing * uniform, nll.detach()

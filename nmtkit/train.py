@@ -47,7 +47,7 @@ from nmtkit.checkpoint import load_checkpoint, save_checkpoint
 from nmtkit.config import Config
 from nmtkit.data import Batch, DataDir, ParallelData, collate, token_batches
 from nmtkit.errors import NmtkitError, UsageError
-from nmtkit.model import Seq2Seq, build_model, sequence_loss
+from nmtkit.model import Seq2Seq, build_model
 from nmtkit.score import bleu
 from nmtkit.tokenizer import BOS, Tokenizer
 from nmtkit.translate import DecodeOptions, autocast, translate_ids
@@ -328,8 +328,8 @@ class Trainer:
             no_sync = self.net.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()
             with no_sync:
                 with autocast(cfg.precision, self.dist.device):
-                    logits, _ = self.net(batch.src, batch.src_lens, batch.tgt_in)
-                loss, nll = sequence_loss(logits, batch.tgt_out, cfg.label_smoothing)
+                    loss, nll = self.net(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out,
+                                         cfg.label_smoothing)
                 (loss * weight).backward()
             if weight:
                 nll_sum, tokens = nll_sum + float(nll), tokens + batch.target_tokens
@@ -348,8 +348,7 @@ class Trainer:
                                  max_sents=self.config.train.batch_sents):
             batch = _to_device(collate(data, idx), self.dist.device)
             with autocast(self.config.train.precision, self.dist.device):
-                logits, _ = self.model(batch.src, batch.src_lens, batch.tgt_in)
-            total += float(sequence_loss(logits, batch.tgt_out)[1])
+                total += float(self.model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out)[1])
             tokens += batch.target_tokens
         result = {"valid_ppl": math.exp(min(total / max(tokens, 1), 100.0))}
         if self.config.train.valid_bleu:

@@ -26,7 +26,7 @@ import nmtkit.model  # noqa: F401  (registers every component)
 from nmtkit.attention import Attention, build_attention
 from nmtkit.config import ModelConfig
 from nmtkit.errors import UsageError
-from nmtkit.model import Seq2Seq, build_model, sequence_loss
+from nmtkit.model import Seq2Seq, build_model
 from nmtkit.registry import ATTENTIONS, DECODERS, ENCODERS, WINDOWS, BRIDGES
 from nmtkit.tokenizer import BOS, EOS, PAD
 
@@ -338,8 +338,7 @@ def test_padded_batch_equals_sentences_alone(decoder: str, attention: str, windo
 def _assert_every_parameter_learns(model: Seq2Seq, seed: int = 0) -> None:
     model.train()
     src, lengths, tgt_in, tgt_out = _batch(LENGTHS, TGT_LENGTHS, seed)
-    logits, _ = model(src, lengths, tgt_in)
-    loss, _ = sequence_loss(logits, tgt_out)
+    loss, _ = model(src, lengths, tgt_in, tgt_out)
     loss.backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"parameters without gradient: {dead}"

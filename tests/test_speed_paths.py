@@ -29,7 +29,8 @@ from nmtkit.config import ModelConfig
 from nmtkit.data import DataDir
 from nmtkit.decoders import StackedRNN
 from nmtkit.kernels import SharedLinear, lstm_sequence, plain_autograd
-from nmtkit.model import build_model, sequence_loss
+import nmtkit.model
+from nmtkit.model import build_model, generator_loss
 from nmtkit.search import beam_search, greedy_search, max_lengths
 from nmtkit.tokenizer import BOS, EOS, PAD
 from nmtkit.train import train
@@ -155,31 +156,61 @@ def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn
 
     def grads():
         model.zero_grad()
-        logits, _ = model(src, lengths, tgt)
-        sequence_loss(logits, tgt, 0.1)[0].backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss, _ = model(src, lengths, tgt, tgt, 0.1)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    fast_logits, fast = grads()
+    fast_loss, fast = grads()
     with plain_autograd():
-        plain_logits, plain = grads()
-    torch.testing.assert_close(fast_logits, plain_logits)
+        plain_loss, plain = grads()
+    torch.testing.assert_close(fast_loss, plain_loss)
     assert fast.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], msg=name)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_sequence_loss_equals_cross_entropy(smoothing):
+@pytest.mark.parametrize("chunk_rows", [2, 1000])
+def test_generator_loss_equals_cross_entropy(smoothing, chunk_rows, monkeypatch):
+    """The chunked output layer + loss (and its gradients computed in forward) equals
+    F.cross_entropy over generator(h), padding ignored, whether the rows fit one chunk or not."""
     torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11, requires_grad=True)
-    target = torch.randint(1, 11, (3, 5))
+    vocab = 11
+    monkeypatch.setattr(nmtkit.model, "LOSS_CHUNK_ELEMENTS", chunk_rows * vocab)
+    generator = torch.nn.Linear(6, vocab).double()
+    h = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(1, vocab, (3, 5))
     target[0, 3:] = PAD
-    loss, nll = sequence_loss(logits, target, smoothing)
-    flat = (logits.view(-1, 11), target.view(-1))
+    target[2, 1] = target[1, 1]  # a repeated target: its ∂W rows must add up
+    loss, nll = generator_loss(h, generator, target, smoothing)
+    flat = (generator(h).view(-1, vocab), target.view(-1))
     want = F.cross_entropy(*flat, ignore_index=PAD, reduction="sum", label_smoothing=smoothing)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(nll, F.cross_entropy(*flat, ignore_index=PAD, reduction="sum"))
-    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(want, logits)[0])
+    params = (h, generator.weight, generator.bias)
+    got = torch.autograd.grad(3 * loss, params)
+    for g, expected in zip(got, torch.autograd.grad(3 * want, params)):
+        torch.testing.assert_close(g, expected)
+    assert not got[0][0, 3:].any()  # padding rows get no gradient
+    with torch.no_grad():  # validation: the same NLL without the gradient work
+        torch.testing.assert_close(generator_loss(h, generator, target)[1], nll)
+
+
+def test_generator_loss_bf16_close_to_fp32():
+    torch.manual_seed(0)
+    generator = torch.nn.Linear(16, 50)
+    h = torch.randn(4, 7, 16, requires_grad=True)
+    target = torch.randint(1, 50, (4, 7))
+    want, _ = generator_loss(h, generator, target, 0.1)
+    want_grads = torch.autograd.grad(want, (h, generator.weight))
+    with autocast("bf16"):
+        got, _ = generator_loss(h, generator, target, 0.1)
+    got_grads = torch.autograd.grad(got, (h, generator.weight))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=2e-2 * w.abs().max().item())
 
 
 # ----------------------------------------------------------------------------- search
@@ -327,7 +358,7 @@ def test_bf16_training_runs_bf16_matmuls():
     src, lengths, tgt = toy_batch()
     with MatmulDtypes() as record:
         with autocast("bf16"):
-            logits, _ = model(src, lengths, tgt)
-        sequence_loss(logits, tgt)[0].backward()
+            loss, _ = model(src, lengths, tgt, tgt)
+        loss.backward()
     total = sum(record.flops.values())
     assert record.flops.get(torch.bfloat16, 0) / total > 0.95, record.flops
