@@ -13,7 +13,7 @@ data ../shared/data/wmt14-toy (linked as runs/bench/raw/{train,val,test}.{en,de}
 Every figure is the median of --rounds rounds; within a round all runs are interleaved so that
 the ratios compare runs taken under the same machine load (1-minute load average printed with
 each figure). Training throughput is target tokens (non-padding, with EOS, as both toolkits
-count them) per second over steps 21-200 from each toolkit's own log; model FLOP utilisation is
+count them) per second over steps 21..--steps from each toolkit's own log; model FLOP utilisation is
 tokens/s x FLOPs per token (counted below) / a 2048^3 matmul's FLOP/s measured in the same round.
 Translation: the first 500 test sentences, batch 32, greedy and beam 5, natural length and forced
 to exactly 23 output tokens; whole-process wall time and peak RSS from /usr/bin/time -v;
@@ -292,7 +292,8 @@ def main() -> None:
                     res.update(nmtkit_windows(RUNS / f"nmtkit-{key.rsplit('_', 1)[1]}-r{r}", args.steps))
                 elif key == "train_onmt_fp32":
                     res.update(onmt_windows(RUNS / f"onmt-r{r}.log", args.steps))
-        report(results, saved["padding"], saved["flops"], "train_onmt_fp32" in results or "onmt_fp32_none_beam1_natural" in results)
+        report(results, saved["padding"], saved["flops"], "train_onmt_fp32" in results or "onmt_fp32_none_beam1_natural" in results,
+               args.steps)
         return
     setup(onmt, args.steps)
     pad = padding_report()
@@ -349,10 +350,10 @@ def main() -> None:
             tokens = out_tokens(o)
             add(name, {**res, "sent_s": 500 / net, "tok_s": tokens / net, "out_tokens": tokens})
         (RUNS / "results.json").write_text(json.dumps({"results": results, "padding": pad, "flops": flops}, indent=1))
-    report(results, pad, flops, onmt)
+    report(results, pad, flops, onmt, args.steps)
 
 
-def report(results, pad, flops, onmt) -> None:
+def report(results, pad, flops, onmt, steps: int) -> None:
     med = lambda key, field: median([r[field] for r in results.get(key, [])])  # noqa: E731
     loads = lambda key: "/".join(f"{r['load']:.1f}" for r in results.get(key, []))  # noqa: E731
     peak32, peak16 = med("peak_fp32", "gflops"), med("peak_bf16", "gflops")
@@ -362,7 +363,7 @@ def report(results, pad, flops, onmt) -> None:
           f"(forward: decoder {flops['decoder'] / 1e6:.1f} M + encoder {flops['encoder'] / 1e6:.1f} M)\n")
     print(f"Padding of 64-sentence length-bucketed batches: source {pad['src_padding']:.1%}, "
           f"target {pad['tgt_padding']:.1%} ({pad['batches']} batches)\n")
-    print("| training (steps 21-200) | tokens/s | MFU | ÷ OpenNMT-py | median 10-step window tokens/s | MFU | ÷ OpenNMT-py | peak RSS MiB | loads |")
+    print(f"| training (steps 21-{steps}) | tokens/s | MFU | ÷ OpenNMT-py | median 10-step window tokens/s | MFU | ÷ OpenNMT-py | peak RSS MiB | loads |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = med("train_onmt_fp32", "tok_s") if onmt else float("nan")
     base_w = med("train_onmt_fp32", "tok_s_window_median") if onmt else float("nan")

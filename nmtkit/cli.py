@@ -136,6 +136,8 @@ def train(
     optimizer: Optional[str] = typer.Option(None, help="adam or sgd (default: adam)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: 0.001)"),
     lr_decay: Optional[float] = typer.Option(None, help="lr factor when valid ppl does not improve (default: 0.5)"),
+    lr_decay_start: Optional[int] = typer.Option(None, help="also apply --lr-decay at the end of every epoch "
+                                                            "from this one on (Luong: 8) (default: 0, never)"),
     label_smoothing: Optional[float] = typer.Option(None, help="label smoothing (default: 0)"),
     clip_norm: Optional[float] = typer.Option(None, help="gradient norm clipping (default: 5)"),
     batch_tokens: Optional[int] = typer.Option(None, help="padded tokens per batch (default: 4096)"),
@@ -169,7 +171,8 @@ def train(
                        layers=layers, hidden_size=hidden_size, embed_size=embed_size, dropout=dropout,
                        input_feed=input_feed, reverse_source=reverse_source, bridge=bridge,
                        max_source_len=max_source_len)
-    train_flags = dict(optimizer=optimizer, lr=lr, lr_decay=lr_decay, label_smoothing=label_smoothing,
+    train_flags = dict(optimizer=optimizer, lr=lr, lr_decay=lr_decay, lr_decay_start=lr_decay_start,
+                       label_smoothing=label_smoothing,
                        clip_norm=clip_norm, batch_tokens=batch_tokens, batch_sents=batch_sents, epochs=epochs, max_steps=max_steps,
                        seed=seed, valid_every=valid_every, valid_bleu=valid_bleu, patience=patience,
                        precision=precision, update_freq=update_freq, keep_last=keep_last)

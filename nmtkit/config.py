@@ -96,6 +96,9 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     lr_decay: float = 0.5  # multiply lr by this when validation perplexity stops improving
+    # ... and, from this epoch on (0 = never), at the end of every epoch whatever the perplexity:
+    # Luong et al. 2015 §4.1 "after 8 epochs, we start halving the learning rate every epoch"
+    lr_decay_start: int = 0
     label_smoothing: float = 0.0
     clip_norm: float = 5.0
     batch_tokens: int = 4096
@@ -122,6 +125,8 @@ class TrainConfig:
             raise UsageError("train.lr and train.batch_tokens must be positive, train.epochs not negative")
         if self.batch_sents < 0:
             raise UsageError("train.batch_sents must be 0 (no cap) or positive")
+        if self.lr_decay_start < 0:
+            raise UsageError("train.lr_decay_start must be 0 (never) or an epoch number")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UsageError("train.label_smoothing must be in [0, 1)")
 

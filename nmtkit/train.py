@@ -410,6 +410,9 @@ class Trainer:
                 self.state.bad_validations = 0
             else:
                 self.state.bad_validations += 1
+            epoch_end = self.state.batch == 0 and self.state.epoch > 0
+            on_schedule = bool(cfg.lr_decay_start) and epoch_end and self.state.epoch >= cfg.lr_decay_start
+            if on_schedule or not improved:  # decay once, whichever the reason
                 self.state.lr *= cfg.lr_decay
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.state.lr

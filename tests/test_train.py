@@ -50,3 +50,18 @@ def test_checkpoint_is_plain_data_and_round_trips(trained_reverse):
     assert torch.equal(a, b)
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, raw["model"][name])
+
+
+def test_lr_decay_start_halves_every_epoch_from_then_on(reverse_data, tmp_path):
+    """Luong §4.1's schedule: from the end of epoch `lr_decay_start` on, the lr is multiplied by
+    lr_decay at every epoch's end (once, also when perplexity did not improve); before, only on a plateau."""
+    from nmtkit.train import train
+
+    config = small_config()
+    config.train.epochs, config.train.lr_decay, config.train.lr_decay_start, config.train.max_steps = 4, 0.5, 2, 0
+    train(reverse_data, tmp_path / "run", config, log=lambda m: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["event"] == "valid"]  # the lr the epoch was trained with
+    assert lrs == [0.01, 0.01, 0.005, 0.0025]
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["optimizer"]["param_groups"][0]["lr"] == 0.00125  # decayed after the last epoch too
