@@ -3,6 +3,7 @@
 largest 64-sentence batch of the reference model (see profile_train.py).
 
     python bench/memory_train.py [--data runs/bench/data] [--precision fp32] [--steps 2]
+    python bench/memory_train.py --precision bf16 --batches 24   # the first 24 batches instead
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--data", default="runs/bench/data")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=0,
+                    help="0: the largest batch --steps times; N: the epoch's first N batches (shapes vary)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rss("import")
@@ -42,18 +45,21 @@ def main() -> None:
     train = data.split("train")
     batches = token_batches(train.src_lens, train.tgt_lens, 1_000_000, seed=1, max_sents=64)
     largest = max(batches, key=lambda b: int(train.src_lens[b].sum() + train.tgt_lens[b].sum()))
-    batch = collate(train, largest)
-    print(f"batch: source {tuple(batch.src.shape)}, target {tuple(batch.tgt_in.shape)}")
+    chosen = batches[:args.batches] if args.batches else [largest] * args.steps
     model.train()
-    for step in range(args.steps):
+    for step, idx in enumerate(chosen):
+        batch = collate(train, idx)
         with autocast(args.precision):
             loss, _ = model(batch.src, batch.src_lens, batch.tgt_in, batch.tgt_out)
-        rss(f"forward {step}")
+        if not args.batches:
+            rss(f"forward {step}")
         (loss / batch.target_tokens).backward()
-        rss(f"backward {step}")
+        if not args.batches:
+            rss(f"backward {step}")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rss(f"update {step}")
+        if not args.batches or step % 6 == 5:
+            rss(f"update {step}")
 
 
 if __name__ == "__main__":
