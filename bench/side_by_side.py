@@ -357,7 +357,7 @@ def report(results, pad, flops, onmt, steps: int) -> None:
     med = lambda key, field: median([r[field] for r in results.get(key, [])])  # noqa: E731
     loads = lambda key: "/".join(f"{r['load']:.1f}" for r in results.get(key, []))  # noqa: E731
     peak32, peak16 = med("peak_fp32", "gflops"), med("peak_bf16", "gflops")
-    print(f"Matmul peak (2048³, 2 threads): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
+    print(f"Matmul peak (2048³, {os.environ.get('OMP_NUM_THREADS', os.cpu_count())} threads): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
           f"(loads {loads('peak_fp32')})\n")
     print(f"FLOPs per target token (training = 3 x forward): {flops['train'] / 1e6:.1f} M "
           f"(forward: decoder {flops['decoder'] / 1e6:.1f} M + encoder {flops['encoder'] / 1e6:.1f} M)\n")
