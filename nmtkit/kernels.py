@@ -126,10 +126,10 @@ class SharedLinear:
         return torch.nn.functional.linear(x, self.w, self.b)
 
 
-def compute_dtype(default: torch.dtype = torch.float32) -> torch.dtype:
-    """The matmul dtype under the current CPU autocast (bf16) or ``default``."""
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
+def compute_dtype(default: torch.dtype = torch.float32, device_type: str = "cpu") -> torch.dtype:
+    """The matmul dtype under the current autocast of ``device_type`` (bf16) or ``default``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return default
 
 

@@ -12,7 +12,7 @@ import nmtkit.encoders  # noqa: F401  (registers encoders)
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import wide
+from nmtkit.kernels import compute_dtype, wide
 from nmtkit.registry import BRIDGES, DECODERS, ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -221,8 +221,7 @@ def generator_loss(outputs: torch.Tensor, generator: nn.Linear, target: torch.Te
     With label smoothing ε the loss is (1 − ε)·NLL + ε·mean_v(−log p_v), as torch's
     cross_entropy(label_smoothing=ε). Padding rows are dropped before the output layer.
     """
-    device = outputs.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else wide(outputs).dtype
+    dtype = compute_dtype(wide(outputs).dtype, outputs.device.type)
     flat = target.reshape(-1)
     rows = (flat != PAD).nonzero().squeeze(1)  # (N,)
     h = outputs.reshape(-1, outputs.size(-1)).index_select(0, rows)  # (N, H)

@@ -400,8 +400,9 @@ class Trainer:
         run stopped there and resumed continues exactly like one never stopped.
         """
         cfg = self.config.train
+        epoch_end = self.state.batch == 0 and self.state.epoch > 0
         # the epoch being trained, or at an epoch's end the one just finished (1-based)
-        epoch = self.state.epoch if self.state.batch == 0 and self.state.epoch else self.state.epoch + 1
+        epoch = self.state.epoch if epoch_end else self.state.epoch + 1
         record = {"epoch": epoch, "step": self.state.step, "lr": self.state.lr, **metrics}
         improved = metrics["valid_ppl"] < self.state.best_ppl
         if scheduled:
@@ -410,8 +411,7 @@ class Trainer:
                 self.state.bad_validations = 0
             else:
                 self.state.bad_validations += 1
-            epoch_end = self.state.batch == 0 and self.state.epoch > 0
-            on_schedule = bool(cfg.lr_decay_start) and epoch_end and self.state.epoch >= cfg.lr_decay_start
+            on_schedule = bool(cfg.lr_decay_start) and epoch_end and epoch >= cfg.lr_decay_start
             if on_schedule or not improved:  # decay once, whichever the reason
                 self.state.lr *= cfg.lr_decay
                 for group in self.optimizer.param_groups:
