@@ -6,19 +6,27 @@ stdout carries data (translations, scores, alignments); logs go to stderr. Exit 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import gc
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-import typer
+# Start-up time (issue 4): importing torch creates ~180k objects, and the cyclic garbage collector
+# would scan them again and again while they are created. Nothing created during import is garbage,
+# so collection is paused for the imports (and, from main(), for parsing the command line); the
+# command itself then starts with these objects frozen out of every later collection.
+gc.disable()
+import typer  # noqa: E402
 
-from nmtkit.errors import NmtkitError, UsageError
-from nmtkit.registry import ATTENTIONS, BRIDGES, DECODERS, ENCODERS, WINDOWS
+from nmtkit.errors import NmtkitError, UsageError  # noqa: E402
+from nmtkit.registry import ATTENTIONS, BRIDGES, DECODERS, ENCODERS, WINDOWS  # noqa: E402
 import nmtkit.model  # noqa: F401,E402  (registers every component, for --help)
+gc.enable()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Recurrent sequence-to-sequence models with attention (Bahdanau 2015, Luong 2015).")
@@ -33,6 +41,9 @@ def friendly(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        if not gc.isenabled():  # paused by main() for start-up
+            gc.freeze()
+            gc.enable()
         try:
             return command(*args, **kwargs)
         except NmtkitError as e:
@@ -287,7 +298,36 @@ def align(
 
 
 def main() -> None:
-    app()
+    """The ``nmtkit`` executable: run one command, then leave without tearing the interpreter down.
+
+    Python's shutdown deallocates every module object torch created, about half a second that
+    a translation in a shell pipeline would wait for after its last line. Output is flushed and
+    the atexit handlers run (logging, multiprocessing), then the process exits directly.
+    """
+    gc.disable()  # re-enabled by `friendly` once the command line is parsed
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):  # sys.exit("message")
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Flush stdout/stderr, run the atexit handlers and exit with ``code``, skipping finalisation."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # reader gone, or stream closed: nothing left to say
+            pass
+        except OSError:
+            code = code or 1
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_handlers is not None:
+        run_handlers()
+    os._exit(code)
 
 
 if __name__ == "__main__":

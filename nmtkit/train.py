@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nmtkit.checkpoint import load_checkpoint, save_checkpoint
+from nmtkit.checkpoint import join_vocab, load_checkpoint, save_checkpoint
 from nmtkit.config import Config
 from nmtkit.data import Batch, DataDir, ParallelData, collate, token_batches
 from nmtkit.errors import NmtkitError, UsageError
@@ -373,7 +373,7 @@ class Trainer:
         payload: dict[str, Any] = {
             "config": self.config.to_dict(),
             "tokenizers": {side: tok.model_proto for side, tok in self.tokenizers.items()},
-            "vocab": {side: tok.pieces() for side, tok in self.tokenizers.items()},
+            "vocab": {side: join_vocab(tok.pieces()) for side, tok in self.tokenizers.items()},
             "data": {"src": self.data.src, "tgt": self.data.tgt, "dir": str(self.data.path)},
             "model": self.model.state_dict(),
             "train_state": {**self.state.__dict__},

@@ -130,3 +130,13 @@ def test_damaged_checkpoints_fail_cleanly(untrained_checkpoint, tmp_path, data):
         LoadedModel(path)
     except NmtkitError as e:
         assert "\n" not in str(e) and str(path) in str(e)
+
+
+def test_format_1_checkpoint_is_migrated(tmp_path):
+    """Format 1 stored each vocabulary as a list of pieces; it loads as format 2's joined string."""
+    old = tmp_path / "v1.pt"
+    torch.save({"format_version": 1, "config": {}, "tokenizers": {}, "model": {},
+                "vocab": {"src": ["<pad>", "<unk>", "▁ein"], "tgt": ["<pad>", "<unk>"]}}, old)
+    ckpt = load_checkpoint(old)
+    assert ckpt["format_version"] == FORMAT_VERSION == 2
+    assert ckpt["vocab"] == {"src": "<pad>\n<unk>\n▁ein", "tgt": "<pad>\n<unk>"}

@@ -49,6 +49,20 @@ def test_pipeline(cli_run, reverse_corpus):
         assert sorted(j for _, j in links) == list(range(len(t.split())))
 
 
+def test_every_buffered_line_reaches_the_pipe(cli_run, reverse_corpus, tmp_path):
+    """main() leaves by os._exit (no interpreter teardown, issue 4's start-up): what translate wrote
+    to the block-buffered stdout pipe must still be flushed out, to the last line."""
+    src_lines = (reverse_corpus / "test.src").read_text().splitlines()
+    text = "".join(f"{src_lines[i % len(src_lines)]}\n" for i in range(1500))
+    model = str(cli_run / "model" / "best.pt")
+    piped = run_cli("translate", "-m", model, "--beam", "1", "--max-len", "12", input=text).stdout
+    assert piped.count("\n") == 1500 and piped.endswith("\n")
+    (tmp_path / "in.txt").write_text(text)
+    run_cli("translate", "-m", model, "--beam", "1", "--max-len", "12", "-i", str(tmp_path / "in.txt"),
+            "-o", str(tmp_path / "out.txt"))
+    assert (tmp_path / "out.txt").read_text() == piped
+
+
 def test_translate_file_options(cli_run, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("w1 w2 w3\n\nw4 w5 w6\n")
