@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmtkit.config import ModelConfig
+from nmtkit.kernels import Linear, tanh
 from nmtkit.registry import ATTENTIONS, WINDOWS
 
 
@@ -74,7 +75,7 @@ class GeneralScore(Score):
 
     def __init__(self, query_size: int, memory_size: int, cfg: ModelConfig) -> None:
         super().__init__(query_size, memory_size, cfg)
-        self.W_a = nn.Linear(memory_size, query_size, bias=False)
+        self.W_a = Linear(memory_size, query_size, bias=False)
 
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.W_a(memory)  # (B, S, Hq)
@@ -93,16 +94,16 @@ class ConcatScore(Score):
     def __init__(self, query_size: int, memory_size: int, cfg: ModelConfig) -> None:
         super().__init__(query_size, memory_size, cfg)
         size = cfg.hidden_size
-        self.W_q = nn.Linear(query_size, size, bias=False)
-        self.W_k = nn.Linear(memory_size, size, bias=False)
-        self.v_a = nn.Linear(size, 1, bias=False)
+        self.W_q = Linear(query_size, size, bias=False)
+        self.W_k = Linear(memory_size, size, bias=False)
+        self.v_a = Linear(size, 1, bias=False)
 
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.W_k(memory)  # (B, S, A)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         q = self.W_q(query)  # (B, T, A)
-        hidden = torch.tanh(q.unsqueeze(2) + keys.unsqueeze(1))  # (B, T, S, A)
+        hidden = tanh(q.unsqueeze(2) + keys.unsqueeze(1))  # (B, T, S, A)
         return self.v_a(hidden).squeeze(-1)  # (B, T, S)
 
 
@@ -126,7 +127,7 @@ class LocationScore(Score):
     def __init__(self, query_size: int, memory_size: int, cfg: ModelConfig) -> None:
         super().__init__(query_size, memory_size, cfg)
         self.max_len = cfg.max_source_len
-        self.W_a = nn.Linear(query_size, self.max_len, bias=False)
+        self.W_a = Linear(query_size, self.max_len, bias=False)
 
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
         return memory[:, :, :0]  # (B, S, 0): nothing to precompute, only S is carried
@@ -194,8 +195,8 @@ class PredictiveWindow(Window):
 
     def __init__(self, query_size: int, cfg: ModelConfig) -> None:
         super().__init__(query_size, cfg)
-        self.W_p = nn.Linear(query_size, query_size, bias=False)
-        self.v_p = nn.Linear(query_size, 1, bias=False)
+        self.W_p = Linear(query_size, query_size, bias=False)
+        self.v_p = Linear(query_size, 1, bias=False)
 
     def forward(self, query, steps, lengths, S):
         B = query.size(0)

@@ -18,7 +18,7 @@ from torch import nn
 from nmtkit.attention import build_attention
 from nmtkit.config import ModelConfig
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import SharedLinear, compute_dtype, gru_cell, lstm_cell
+from nmtkit.kernels import Linear, SharedLinear, compute_dtype, gru_cell, lstm_cell, tanh
 from nmtkit.registry import DECODERS
 from nmtkit.tokenizer import PAD
 
@@ -71,10 +71,10 @@ class StackedRNN(nn.Module):
         super().__init__()
         self.lstm = rnn == "lstm"
         gates = (4 if self.lstm else 3) * hidden_size
-        self.embed_proj = nn.Linear(input_size, gates)  # layer 0, with the input bias
-        self.extra_proj = nn.Linear(extra_size, gates, bias=False) if extra_size else None
-        self.input_proj = nn.ModuleList(nn.Linear(hidden_size, gates) for _ in range(layers - 1))
-        self.hidden_proj = nn.ModuleList(nn.Linear(hidden_size, gates) for _ in range(layers))
+        self.embed_proj = Linear(input_size, gates)  # layer 0, with the input bias
+        self.extra_proj = Linear(extra_size, gates, bias=False) if extra_size else None
+        self.input_proj = nn.ModuleList(Linear(hidden_size, gates) for _ in range(layers - 1))
+        self.hidden_proj = nn.ModuleList(Linear(hidden_size, gates) for _ in range(layers))
         self.dropout = nn.Dropout(dropout)
         self.layers = layers
         self.hidden_size = hidden_size
@@ -99,10 +99,10 @@ class StackedRNN(nn.Module):
         for layer in range(self.layers):
             w_x, b_x, w_h, b_h = self._layer_weights(layer)
             weight = w_h if w_x is None else torch.cat([w_x, w_h], 1)
-            linear = nn.Linear(weight.size(1), weight.size(0), device=weight.device, dtype=weight.dtype)
-            linear.weight.copy_(weight)
-            linear.bias.copy_(b_h if b_x is None else b_x + b_h)
-            fused.append(linear)
+            layer_linear = Linear(weight.size(1), weight.size(0), device=weight.device, dtype=weight.dtype)
+            layer_linear.weight.copy_(weight)
+            layer_linear.bias.copy_(b_h if b_x is None else b_x + b_h)
+            fused.append(layer_linear)
         self.fused = nn.ModuleList(fused)
         self.fused.requires_grad_(False)
 
@@ -185,7 +185,7 @@ def _module_call(module: nn.Module):
 def per_step(module: nn.Module):
     """A per-batch callable equal to ``module`` for a layer applied at every step: under autograd
     an nn.Linear becomes a SharedLinear (weight cast once, weight gradient deferred)."""
-    if type(module) is nn.Linear and torch.is_grad_enabled() and module.weight.requires_grad:
+    if isinstance(module, nn.Linear) and torch.is_grad_enabled() and module.weight.requires_grad:
         dtype = compute_dtype(module.weight.dtype)
         bias = None if module.bias is None else module.bias.to(dtype)
         return SharedLinear(module.weight.to(dtype), bias)
@@ -276,7 +276,7 @@ class LuongDecoder(Decoder):
     def __init__(self, cfg: ModelConfig, memory_size: int) -> None:
         self.input_feed = cfg.input_feed
         super().__init__(cfg, memory_size, cfg.hidden_size if cfg.input_feed else 0)
-        self.W_c = nn.Linear(memory_size + cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.W_c = Linear(memory_size + cfg.hidden_size, cfg.hidden_size, bias=False)
         self.output_size = cfg.hidden_size
 
     def plan(self):
@@ -294,7 +294,7 @@ class LuongDecoder(Decoder):
                              pre.get("drop"))
         top = h[:, -1]  # h_t (B, H)
         context, weights = self.attend(state, top, t)
-        h_tilde = torch.tanh(state.plan["W_c"](torch.cat([context, top.to(context.dtype)], dim=1)))  # (B, H)
+        h_tilde = tanh(state.plan["W_c"](torch.cat([context, top.to(context.dtype)], dim=1)))  # (B, H)
         new = {"h": h}
         if c is not None:
             new["c"] = c
@@ -314,9 +314,9 @@ class BahdanauDecoder(Decoder):
     def __init__(self, cfg: ModelConfig, memory_size: int) -> None:
         super().__init__(cfg, memory_size, memory_size)
         pooled = cfg.maxout_size or cfg.hidden_size // 2
-        self.U_o = nn.Linear(cfg.hidden_size, 2 * pooled, bias=False)
-        self.V_o = nn.Linear(cfg.embed_size, 2 * pooled)
-        self.C_o = nn.Linear(memory_size, 2 * pooled, bias=False)
+        self.U_o = Linear(cfg.hidden_size, 2 * pooled, bias=False)
+        self.V_o = Linear(cfg.embed_size, 2 * pooled)
+        self.C_o = Linear(memory_size, 2 * pooled, bias=False)
         self.output_size = pooled
 
     def precompute(self, emb):

@@ -13,11 +13,15 @@ waits for every node that consumed its (empty) ``token``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 
 import torch
+from torch import nn
 from torch.autograd import Function
 
 _DEFER = True  # switched off only to compare with plain autograd (tests, benchmarks)
+_ONEDNN = os.environ.get("NMTKIT_ONEDNN", "1") != "0"  # 0: fp32 matmuls as torch does them (MKL)
 
 
 @contextlib.contextmanager
@@ -29,6 +33,117 @@ def plain_autograd():
         yield
     finally:
         _DEFER = old
+
+
+# ---------------------------------------------------------------- fp32 matmuls through oneDNN
+#
+# On CPU torch runs fp32 F.linear / addmm / mm through MKL's sgemm. On the AMD EPYC we benchmark on,
+# MKL does not use AVX-512 and reaches ~150 GFLOP/s on a 2048³ product with 2 threads, where
+# oneDNN's matmul (torch's own ``mkldnn::_linear_pointwise``, the op torch.compile emits for CPU
+# linears) reaches ~220; on the decoder's step shapes (32-64 rows) the gap is 1.3-2x
+# (bench/README.md). ``linear`` computes F.linear(x, W, b) with that op whenever it applies
+# (fp32 on CPU, no autocast), with an autograd Function for training; results differ from MKL's
+# only by float rounding (summation order).
+
+
+@functools.cache
+def _onednn_op():
+    """torch's oneDNN linear op if this build has it and it computes a tiny product right, else None."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        ok = torch.equal(op(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], ""), torch.full((2, 4), 3.0))
+    except (AttributeError, RuntimeError):
+        return None
+    return op if ok else None
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (_ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and (bias is None or bias.dtype == torch.float32) and x.numel() > 0 and weight.dim() == 2
+            and not torch.is_autocast_enabled("cpu") and _onednn_op() is not None)
+
+
+def matmuls_via_onednn(x: torch.Tensor) -> bool:
+    """Whether ``linear`` sends fp32 products with inputs like ``x`` through oneDNN."""
+    return _onednn_applies(x, x.new_empty(1, 1), None)
+
+
+class _OneDNNLinear(Function):
+    """y = x Wᵀ + b; backward dx = gy W through oneDNN, dW = gyᵀ x and db = Σ gy as torch does them
+    (a reduction over all rows: MKL is as fast there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_op()(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        d_x = d_w = d_b = None
+        if ctx.needs_input_grad[0]:
+            d_x = linear(gy, weight.t())  # (..., in)
+        gy2 = gy.reshape(-1, gy.size(-1))  # (N, out)
+        if ctx.needs_input_grad[1]:
+            d_w = gy2.t().mm(x.reshape(-1, x.size(-1)))  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_b = gy2.sum(0)
+        return d_x, d_w, d_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, b) = x Wᵀ + b for x (..., in), W (out, in); fp32 on CPU through oneDNN.
+
+    ``packed``: W in oneDNN's blocked layout (``pack_weight``), used when no gradient is needed.
+    """
+    if not _onednn_applies(x, weight, bias):
+        return torch.nn.functional.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_op()(x, weight if packed is None else packed, bias, "none", [], "")
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """W (out, in) reordered once into oneDNN's blocked layout (a further ~25 % on small batches),
+    or None where ``linear`` would not use oneDNN."""
+    probe = weight.new_empty(1, weight.size(1))
+    if not _onednn_applies(probe, weight, None):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+@contextlib.contextmanager
+def plain_matmuls():
+    """Within this block fp32 matmuls run as torch runs them (MKL), not through oneDNN."""
+    global _ONEDNN
+    old, _ONEDNN = _ONEDNN, False
+    try:
+        yield
+    finally:
+        _ONEDNN = old
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through ``linear`` (same parameters, same state dict).
+
+    ``pack()`` (translation, after the weights are final) keeps a oneDNN-blocked copy of the weight
+    for gradient-free calls; it is dropped again as soon as the weight changes.
+    """
+
+    _packed: torch.Tensor | None = None
+    _packed_version: int = -1
+
+    def pack(self) -> None:
+        self._packed, self._packed_version = pack_weight(self.weight), self.weight._version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed
+        if packed is not None and (self.weight._version != self._packed_version or self.weight.requires_grad):
+            packed = self._packed = None
+        return linear(x, self.weight, self.bias, packed)
 
 
 class _Bank:
@@ -43,7 +158,11 @@ class _Bank:
 
 def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x Wᵀ for x (N, in), W (out, in); batched for x (D, N, in), W (D, out, in)."""
-    return x.mm(weight.t()) if weight.dim() == 2 else torch.bmm(x, weight.transpose(1, 2))
+    if weight.dim() == 2:
+        return linear(x, weight)
+    if _onednn_applies(x, weight[0], None):
+        return torch.stack([linear(x[d], weight[d]) for d in range(weight.size(0))])
+    return torch.bmm(x, weight.transpose(1, 2))
 
 
 class _WeightNode(Function):
@@ -90,7 +209,7 @@ class _StepLinear(Function):
         gy = gy.to(ctx.weight.dtype).contiguous()
         ctx.bank.x.append(x)
         ctx.bank.gy.append(gy)
-        dx = (gy.mm(ctx.weight) if gy.dim() == 2 else torch.bmm(gy, ctx.weight)).to(ctx.in_dtype)
+        dx = _mm_t(gy, ctx.weight.transpose(-1, -2)).to(ctx.in_dtype)  # gy W
         return dx, None, None, torch.zeros(0, dtype=ctx.weight.dtype), None
 
 
@@ -123,7 +242,7 @@ class SharedLinear:
         if self.w.dim() == 3:
             y = _mm_t(x, self.w)
             return y if self.b is None else y + self.b.unsqueeze(-2)
-        return torch.nn.functional.linear(x, self.w, self.b)
+        return linear(x, self.w, self.b)
 
 
 def compute_dtype(default: torch.dtype = torch.float32, device_type: str = "cpu") -> torch.dtype:
@@ -138,15 +257,25 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) = 2σ(2x) − 1 (absolute error ≤ 2.4e-7 in fp32): torch's CPU tanh kernel runs
+    7-10x slower than its sigmoid on our benchmark machine (bench/README.md)."""
+    return torch.sigmoid(x * 2).mul(2).sub(1)
+
+
 def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.nn.LSTMCell's pointwise part, in fp32: gates (B, 4H) in order i, f, g, o; c (B, H).
 
-    c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c').
+    c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c'), with tanh(g) = 2σ(2g) − 1 so that one
+    sigmoid covers all four gates.
     """
     gates = wide(gates)
-    i, f, g, o = gates.chunk(4, dim=1)
-    c_new = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
-    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+    H = c.size(-1)
+    scale = gates.new_ones(4, H)
+    scale[2] = 2.0
+    i, f, g2, o = torch.sigmoid(gates * scale.view(-1)).chunk(4, dim=1)  # g2 = σ(2g)
+    c_new = torch.addcmul(f * c, i, g2 * 2 - 1)
+    return o * tanh(c_new), c_new
 
 
 def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -155,7 +284,7 @@ def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor) -> t
     xr, xz, xn = wide(x_gates).chunk(3, dim=1)
     hr, hz, hn = wide(h_gates).chunk(3, dim=1)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-    n = torch.tanh(torch.addcmul(xn, r, hn))
+    n = tanh(torch.addcmul(xn, r, hn))
     return torch.lerp(n, h, z)
 
 
@@ -193,7 +322,7 @@ def lstm_sequence(rnn: torch.nn.LSTM, x: torch.Tensor, lengths: torch.Tensor
         sfx = [f"_l{layer}", f"_l{layer}_reverse"][:D]
         w_ih = torch.cat([getattr(rnn, "weight_ih" + s) for s in sfx], 0)  # (D·4H, In)
         bias = torch.cat([getattr(rnn, "bias_ih" + s) + getattr(rnn, "bias_hh" + s) for s in sfx], 0)
-        proj = torch.nn.functional.linear(inp.to(dtype), w_ih.to(dtype), bias.to(dtype))  # (B, S, D·4H)
+        proj = linear(inp.to(dtype), w_ih.to(dtype), bias.to(dtype))  # (B, S, D·4H)
         parts = [proj[..., :4 * H]]
         if D == 2:
             parts.append(reverse_padded(proj[..., 4 * H:], lengths))

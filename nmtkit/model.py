@@ -12,7 +12,7 @@ import nmtkit.encoders  # noqa: F401  (registers encoders)
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import compute_dtype, wide
+from nmtkit.kernels import Linear, compute_dtype, linear, wide
 from nmtkit.registry import BRIDGES, DECODERS, ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -59,7 +59,7 @@ class ProjectionBridge(Bridge):
     def __init__(self, cfg: ModelConfig, encoder_size: int) -> None:
         super().__init__(cfg, encoder_size)
         kinds = ("h", "c") if cfg.rnn == "lstm" else ("h",)  # a GRU has no cell state to project
-        self.proj = nn.ModuleDict({k: nn.Linear(encoder_size, cfg.hidden_size) for k in kinds})
+        self.proj = nn.ModuleDict({k: Linear(encoder_size, cfg.hidden_size) for k in kinds})
 
     def transform(self, final, which):
         return torch.tanh(self.proj[which](final))
@@ -90,7 +90,7 @@ class Seq2Seq(nn.Module):
         self.encoder = ENCODERS.get(cfg.encoder)(cfg)
         self.bridge = BRIDGES.get(cfg.bridge)(cfg, self.encoder.output_size)
         self.decoder = DECODERS.get(cfg.decoder)(cfg, self.encoder.output_size)
-        self.generator = nn.Linear(self.decoder.output_size, cfg.tgt_vocab_size)
+        self.generator = Linear(self.decoder.output_size, cfg.tgt_vocab_size)
 
     def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> DecoderState:
         """src (B, S), lengths (B,) -> the decoder's initial state."""
@@ -179,7 +179,7 @@ class _GeneratorNLL(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, n, rows):
                 e = min(s + rows, n)
-                z = torch.addmm(b, hc[s:e], w.t()).to(acc)  # (C, V)
+                z = linear(hc[s:e], w, b).to(acc)  # (C, V)
                 lse = torch.logsumexp(z, dim=1)  # (C,)
                 nll += (lse - z.gather(1, target[s:e].unsqueeze(1)).squeeze(1)).sum()
                 uniform += (lse - z.mean(dim=1)).sum()
@@ -187,7 +187,7 @@ class _GeneratorNLL(torch.autograd.Function):
                     p = z.sub_(lse.unsqueeze(1)).exp_()  # (C, V) softmax, in place of z
                     p_sum += p.sum(dim=0)
                     pc = p.to(dtype)
-                    p_w[s:e] = pc.mm(w)
+                    p_w[s:e] = linear(pc, w.t())  # p W
                     p_h += pc.t().mm(hc[s:e])
         if need_grad:
             ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)

@@ -1,10 +1,13 @@
 """The fast paths compute what the plain ones compute.
 
+- kernels.linear / kernels.Linear (fp32 through oneDNN, packed weights) == F.linear, values and
+  gradients; kernels.tanh == torch.tanh;
 - kernels.SharedLinear (deferred weight gradients) == F.linear step by step, values and gradients;
 - the decoder's fused LSTM/GRU step == torch.nn.LSTMCell / GRUCell with the same weights, also
   after fuse_for_inference;
 - kernels.lstm_sequence (training encoder) == nn.LSTM over packed sequences, values and gradients;
-- every decoder's gradients with deferred weight gradients == plain autograd;
+- every decoder's gradients with deferred weight gradients and oneDNN matmuls == plain autograd
+  with torch's own matmuls;
 - the fused token NLL == F.cross_entropy (with and without label smoothing), values and gradients;
 - greedy and beam search == the straightforward reference implementations below;
 - bf16 and int8 translation give the fp32 tokens on a trained toy model (tolerance documented);
@@ -28,7 +31,8 @@ from nmtkit.checkpoint import LoadedModel
 from nmtkit.config import ModelConfig
 from nmtkit.data import DataDir
 from nmtkit.decoders import StackedRNN
-from nmtkit.kernels import SharedLinear, lstm_sequence, plain_autograd
+from nmtkit import kernels
+from nmtkit.kernels import Linear, SharedLinear, lstm_sequence, plain_autograd, plain_matmuls
 import nmtkit.model
 from nmtkit.model import build_model, generator_loss
 from nmtkit.search import beam_search, greedy_search, max_lengths
@@ -57,6 +61,67 @@ def toy_batch(seed: int = 0, vocab: int = 20, tgt_vocab: int = 22):
 
 
 # ----------------------------------------------------------------------------- kernels
+
+needs_onednn = pytest.mark.skipif(kernels._onednn_op() is None, reason="this torch build has no oneDNN linear")
+
+
+def ran_ops(fn) -> set[str]:
+    """Names of the aten/mkldnn ops ``fn()`` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,bias", [((6, 5), True), ((3, 4, 5), True), ((6, 5), False)])
+def test_onednn_linear_equals_f_linear(shape, bias):
+    """linear(x, W, b) = x Wᵀ + b through oneDNN: the values and the gradients of x, W, b are
+    F.linear's (through MKL) up to float rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(7, 5, requires_grad=True)
+    b = torch.randn(7, requires_grad=True) if bias else None
+    upstream = torch.randn(*shape[:-1], 7)
+    inputs = [t for t in (x, w, b) if t is not None]
+
+    def run():
+        y = kernels.linear(x, w, b)
+        return y, torch.autograd.grad((y * upstream).sum(), inputs)
+
+    got, got_grads = run()
+    assert "mkldnn::_linear_pointwise" in ran_ops(run)
+    with plain_matmuls():
+        want, want_grads = run()
+        assert "mkldnn::_linear_pointwise" not in ran_ops(run)
+    torch.testing.assert_close(got, F.linear(x, w, b))
+    torch.testing.assert_close(got, want)
+    for g, wg in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, wg)
+
+
+@needs_onednn
+def test_packed_linear_is_dropped_when_the_weight_changes():
+    torch.manual_seed(0)
+    layer = Linear(5, 7).requires_grad_(False)
+    x = torch.randn(4, 5)
+    layer.pack()
+    assert layer._packed is not None
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    with torch.no_grad():
+        layer.weight.mul_(-2)  # an optimizer step, in place
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is None
+    assert "_packed" not in layer.state_dict() and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_tanh_is_torch_tanh():
+    x = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([0.0, 1e-30, -1e-7, 1e-4])]).requires_grad_()
+    got, want = kernels.tanh(x), torch.tanh(x)
+    assert (got - want).abs().max() <= 2.4e-7
+    g_got, = torch.autograd.grad(got.sum(), x)
+    g_want, = torch.autograd.grad(want.sum(), x)
+    assert (g_got - g_want).abs().max() <= 1e-6
+
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_shared_linear_equals_linear_values_and_gradients(batched):
@@ -161,7 +226,7 @@ def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     fast_loss, fast = grads()
-    with plain_autograd():
+    with plain_autograd(), plain_matmuls():
         plain_loss, plain = grads()
     torch.testing.assert_close(fast_loss, plain_loss)
     assert fast.keys() == plain.keys()
@@ -312,6 +377,20 @@ def test_forced_length_gives_exactly_that_many_tokens(toy_model):
         opts = DecodeOptions(beam=beam, batch_size=8, min_len=11, max_len=11)
         outs = translate_ids(prepare_for_inference(loaded.model), toy_model[1][:16], opts)
         assert all(len(o) == 11 for o in outs)
+
+
+@needs_onednn
+def test_packed_fp32_translation_gives_plain_tokens(toy_model):
+    """fp32 translation with oneDNN-packed weights and the oneDNN encoder == torch's own matmuls
+    and nn.LSTM (fp32 both: only summation order differs, no token of the toy task flips)."""
+    path, sources = toy_model
+    opts = DecodeOptions(beam=4, batch_size=32)
+    model = prepare_for_inference(LoadedModel(path).model)
+    assert all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
+    got = translate_ids(model, sources, opts)
+    with plain_matmuls():
+        want = translate_ids(prepare_for_inference(LoadedModel(path).model), sources, opts)
+    assert got == want
 
 
 @pytest.mark.parametrize("precision,quantize", [("bf16", "none"), ("fp32", "int8")])
