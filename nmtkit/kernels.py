@@ -129,17 +129,25 @@ def plain_matmuls():
 class Linear(nn.Linear):
     """nn.Linear whose product goes through ``linear`` (same parameters, same state dict).
 
-    ``pack()`` (translation, after the weights are final) keeps a oneDNN-blocked copy of the weight
-    for gradient-free calls; it is dropped again as soon as the weight changes.
+    ``pack()`` (translation, after the weights are final) asks for a oneDNN-blocked copy of the
+    weight for gradient-free calls, made at the PACK_AFTER-th call (reordering the 10k x 512
+    generator costs ~5 ms: a one-sentence translation would not earn it back) and dropped again as
+    soon as the weight changes.
     """
 
+    PACK_AFTER = 16
     _packed: torch.Tensor | None = None
     _packed_version: int = -1
+    _calls_to_pack: int = -1  # -1: packing not wanted
 
     def pack(self) -> None:
-        self._packed, self._packed_version = pack_weight(self.weight), self.weight._version
+        self._calls_to_pack = self.PACK_AFTER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._calls_to_pack > 0:
+            self._calls_to_pack -= 1
+            if self._calls_to_pack == 0:
+                self._packed, self._packed_version = pack_weight(self.weight), self.weight._version
         packed = self._packed
         if packed is not None and (self.weight._version != self._packed_version or self.weight.requires_grad):
             packed = self._packed = None

@@ -105,6 +105,9 @@ def test_packed_linear_is_dropped_when_the_weight_changes():
     layer = Linear(5, 7).requires_grad_(False)
     x = torch.randn(4, 5)
     layer.pack()
+    for _ in range(Linear.PACK_AFTER):  # packed lazily, once it is used enough to pay for it
+        assert layer._packed is None
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer._packed is not None
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     with torch.no_grad():
@@ -386,8 +389,8 @@ def test_packed_fp32_translation_gives_plain_tokens(toy_model):
     path, sources = toy_model
     opts = DecodeOptions(beam=4, batch_size=32)
     model = prepare_for_inference(LoadedModel(path).model)
-    assert all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
     got = translate_ids(model, sources, opts)
+    assert model.generator._packed is not None and model.decoder.rnn.fused[0]._packed is not None
     with plain_matmuls():
         want = translate_ids(prepare_for_inference(LoadedModel(path).model), sources, opts)
     assert got == want
