@@ -57,15 +57,15 @@ def _onednn_op():
     return op if ok else None
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (_ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and (bias is None or bias.dtype == torch.float32) and x.numel() > 0 and weight.dim() == 2
-            and not torch.is_autocast_enabled("cpu") and _onednn_op() is not None)
+def _onednn_for(*tensors: torch.Tensor | None) -> bool:
+    """Whether fp32 products of these CPU tensors (None: absent, e.g. no bias) go through oneDNN."""
+    return (_ONEDNN and not torch.is_autocast_enabled("cpu") and _onednn_op() is not None
+            and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors))
 
 
 def matmuls_via_onednn(x: torch.Tensor) -> bool:
     """Whether ``linear`` sends fp32 products with inputs like ``x`` through oneDNN."""
-    return _onednn_applies(x, x.new_empty(1, 1), None)
+    return _onednn_for(x)
 
 
 class _OneDNNLinear(Function):
@@ -98,7 +98,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     ``packed``: W in oneDNN's blocked layout (``pack_weight``), used when no gradient is needed.
     """
-    if not _onednn_applies(x, weight, bias):
+    if weight.dim() != 2 or x.numel() == 0 or not _onednn_for(x, weight, bias):
         return torch.nn.functional.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -109,8 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """W (out, in) reordered once into oneDNN's blocked layout (a further ~25 % on small batches),
     or None where ``linear`` would not use oneDNN."""
-    probe = weight.new_empty(1, weight.size(1))
-    if not _onednn_applies(probe, weight, None):
+    if not _onednn_for(weight):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
@@ -168,7 +167,7 @@ def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x Wᵀ for x (N, in), W (out, in); batched for x (D, N, in), W (D, out, in)."""
     if weight.dim() == 2:
         return linear(x, weight)
-    if _onednn_applies(x, weight[0], None):
+    if _onednn_for(x, weight):
         return torch.stack([linear(x[d], weight[d]) for d in range(weight.size(0))])
     return torch.bmm(x, weight.transpose(1, 2))
 
@@ -268,7 +267,7 @@ def wide(t: torch.Tensor) -> torch.Tensor:
 def tanh(x: torch.Tensor) -> torch.Tensor:
     """tanh(x) = 2σ(2x) − 1 (absolute error ≤ 2.4e-7 in fp32): torch's CPU tanh kernel runs
     7-10x slower than its sigmoid on our benchmark machine (bench/README.md)."""
-    return torch.sigmoid(x * 2).mul(2).sub(1)
+    return torch.sigmoid(x * 2).mul(2).sub_(1)
 
 
 def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,12 +277,20 @@ def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch
     sigmoid covers all four gates.
     """
     gates = wide(gates)
-    H = c.size(-1)
-    scale = gates.new_ones(4, H)
-    scale[2] = 2.0
-    i, f, g2, o = torch.sigmoid(gates * scale.view(-1)).chunk(4, dim=1)  # g2 = σ(2g)
-    c_new = torch.addcmul(f * c, i, g2 * 2 - 1)
+    scale = _gate_scale(c.size(-1), gates.dtype, gates.device)  # (4H,): 1 for i, f, o; 2 for g
+    i, f, g2, o = torch.sigmoid(gates * scale).chunk(4, dim=1)  # g2 = σ(2g)
+    c_new = torch.addcmul(f * c, i, g2.mul(2).sub_(1))
     return o * tanh(c_new), c_new
+
+
+@functools.cache
+def _gate_scale(H: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1…1, 1…1, 2…2, 1…1] (4H,): scales the g block of LSTM gates, made once per shape (as a
+    normal tensor even when first asked for under inference_mode, so that training can use it)."""
+    with torch.inference_mode(False):
+        scale = torch.ones(4, H, dtype=dtype, device=device)
+        scale[2] = 2.0
+    return scale.view(-1)
 
 
 def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
