@@ -73,10 +73,11 @@ def ran_ops(fn) -> set[str]:
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape,bias", [((6, 5), True), ((3, 4, 5), True), ((6, 5), False)])
+@pytest.mark.parametrize("shape,bias", [((6, 5), True), ((3, 4, 5), True), ((6, 5), False),
+                                        ((37, 5), True), ((3, 13, 5), False)])
 def test_onednn_linear_equals_f_linear(shape, bias):
     """linear(x, W, b) = x Wᵀ + b through oneDNN: the values and the gradients of x, W, b are
-    F.linear's (through MKL) up to float rounding."""
+    F.linear's (through MKL) up to float rounding, also where the rows are padded (37, 39 -> 40)."""
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
     w = torch.randn(7, 5, requires_grad=True)
@@ -97,6 +98,16 @@ def test_onednn_linear_equals_f_linear(shape, bias):
     torch.testing.assert_close(got, want)
     for g, wg in zip(got_grads, want_grads):
         torch.testing.assert_close(g, wg)
+
+
+def test_row_buckets_bound_the_shapes_and_the_padding():
+    """oneDNN sees few distinct row counts (its primitive cache holds ~1 MB per shape) and at
+    most 12.5 % padding rows."""
+    buckets = [kernels.bucket_rows(m) for m in range(1, 4097)]
+    assert all(m <= b <= m * 1.125 for m, b in zip(range(1, 4097), buckets))
+    assert buckets[:16] == list(range(1, 17))  # small batches exact
+    assert len(set(buckets)) <= 15 + 8 * 9  # 8 per octave above 16
+    assert all(kernels.bucket_rows(b) == b for b in buckets)  # a bucket is its own bucket
 
 
 @needs_onednn
