@@ -4,9 +4,9 @@ what the plain PyTorch expression in its docstring computes; tests/test_speed_pa
 Deferred weight gradients. A weight W used at every target step t as y_t = x_t Wᵀ + b gets, from
 autograd, one small gradient matmul gy_tᵀ x_t per step plus one full-size accumulation of dW per
 step (for a 2048 x 1536 LSTM weight that is 12 MB of memory traffic per step). ``SharedLinear``
-instead keeps each step's (x_t, gy_t) and, once every step's backward has run, computes
-dW = [gy_1; ...; gy_T]ᵀ [x_1; ...; x_T] and db = Σ gy_t as one large, efficient matmul. The
-per-step backward does only dx_t = gy_t W. The engine guarantees the order: the weight's node
+instead keeps each step's (x_t, gy_t) and computes dW = [gy_1; ...; gy_T]ᵀ [x_1; ...; x_T] and
+db = Σ gy_t as a few large, efficient matmuls, one per 16 steps (``_Bank``). The per-step backward
+does only dx_t = gy_t W. The engine guarantees the order: the weight's node
 waits for every node that consumed its (empty) ``token``.
 """
 
@@ -177,13 +177,40 @@ class Linear(nn.Linear):
 
 
 class _Bank:
-    """Per-step inputs and output gradients of one shared weight, filled during backward."""
+    """Per-step inputs and output gradients of one shared weight, filled during backward and
+    folded into dW, db every FOLD_STEPS steps (one matmul over that many steps' rows: large
+    enough to run at full speed, while the banked gradients stay a few MB)."""
 
-    __slots__ = ("x", "gy")
+    FOLD_STEPS = 16
+    __slots__ = ("x", "gy", "d_weight", "d_bias")
 
     def __init__(self) -> None:
         self.x: list[torch.Tensor] = []
         self.gy: list[torch.Tensor] = []
+        self.d_weight: torch.Tensor | None = None
+        self.d_bias: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, gy: torch.Tensor) -> None:
+        self.x.append(x)
+        self.gy.append(gy)
+        if len(self.gy) >= self.FOLD_STEPS:
+            self.fold()
+
+    def fold(self) -> None:
+        """d_weight += [gy_1; ...]ᵀ [x_1; ...], d_bias += Σ gy over the banked steps."""
+        if not self.gy:
+            return
+        dim = self.gy[0].dim() - 2  # rows are dim 0 (2-D) or dim 1 (batched 3-D)
+        gy = torch.cat(self.gy, dim) if len(self.gy) > 1 else self.gy[0]  # ([D,] N, out)
+        x = torch.cat(self.x, dim) if len(self.x) > 1 else self.x[0]  # ([D,] N, in)
+        self.x, self.gy = [], []
+        d_weight = gy.t().mm(x) if dim == 0 else torch.bmm(gy.transpose(1, 2), x)  # ([D,] out, in)
+        d_bias = gy.sum(dim)
+        if self.d_weight is None:
+            self.d_weight, self.d_bias = d_weight, d_bias
+        else:
+            self.d_weight += d_weight
+            self.d_bias += d_bias
 
 
 def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -196,7 +223,7 @@ def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _WeightNode(Function):
-    """(W, b) -> an empty token; backward turns the bank into dW, db in one matmul."""
+    """(W, b) -> an empty token; backward returns the bank's dW, db (None if no step was used)."""
 
     @staticmethod
     def forward(ctx, weight, bias, bank):
@@ -207,14 +234,9 @@ class _WeightNode(Function):
     @staticmethod
     def backward(ctx, _token_grad):
         bank = ctx.bank
-        if not bank.gy:
-            return None, None, None
-        dim = bank.gy[0].dim() - 2  # rows are dim 0 (2-D) or dim 1 (batched 3-D)
-        gy = torch.cat(bank.gy, dim) if len(bank.gy) > 1 else bank.gy[0]  # ([D,] N, out)
-        x = torch.cat(bank.x, dim) if len(bank.x) > 1 else bank.x[0]  # ([D,] N, in)
-        bank.x, bank.gy = [], []
-        d_weight = gy.t().mm(x) if dim == 0 else torch.bmm(gy.transpose(1, 2), x)  # ([D,] out, in)
-        d_bias = gy.sum(dim) if ctx.has_bias else None
+        bank.fold()
+        d_weight, d_bias = bank.d_weight, (bank.d_bias if ctx.has_bias else None)
+        bank.d_weight = bank.d_bias = None
         return d_weight, d_bias, None
 
 
@@ -237,8 +259,7 @@ class _StepLinear(Function):
     def backward(ctx, gy):
         (x,) = ctx.saved_tensors
         gy = gy.to(ctx.weight.dtype).contiguous()
-        ctx.bank.x.append(x)
-        ctx.bank.gy.append(gy)
+        ctx.bank.add(x, gy)
         dx = _mm_t(gy, ctx.weight.transpose(-1, -2)).to(ctx.in_dtype)  # gy W
         return dx, None, None, torch.zeros(0, dtype=ctx.weight.dtype), None
 
@@ -294,16 +315,51 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.nn.LSTMCell's pointwise part, in fp32: gates (B, 4H) in order i, f, g, o; c (B, H).
+    """torch.nn.LSTMCell's pointwise part, in fp32: gates (B, 4H) in order i, f, g, o; c (B, H)
+    -> (h', c'), where
 
-    c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c'), with tanh(g) = 2σ(2g) − 1 so that one
-    sigmoid covers all four gates.
+        c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c'),
+
+    with tanh(g) = 2σ(2g) − 1 so that one sigmoid covers all four gates. With gradients it keeps
+    only σ(gates) (B, 4H) besides c and c' (``_LSTMCell``), not autograd's seven (B, H) tensors.
     """
     gates = wide(gates)
+    if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
+        return _LSTMCell.apply(gates, c)
+    return _lstm_pointwise(gates, c)[:2]
+
+
+def _lstm_pointwise(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h', c', σ(gates with g doubled)) for ``lstm_cell``."""
     scale = _gate_scale(c.size(-1), gates.dtype, gates.device)  # (4H,): 1 for i, f, o; 2 for g
-    i, f, g2, o = torch.sigmoid(gates * scale).chunk(4, dim=1)  # g2 = σ(2g)
+    s = torch.sigmoid(gates * scale)  # (B, 4H)
+    i, f, g2, o = s.chunk(4, dim=1)  # g2 = σ(2g), tanh(g) = 2 g2 − 1
     c_new = torch.addcmul(f * c, i, g2.mul(2).sub_(1))
-    return o * tanh(c_new), c_new
+    return o * tanh(c_new), c_new, s
+
+
+class _LSTMCell(Function):
+    """``lstm_cell`` with a hand-written backward. With t = tanh(c'), dc̃ = dc' + dh' ⊙ σ(o) ⊙ (1 − t²):
+    d(i, f, g, o) = (dc̃ ⊙ tanh(g) ⊙ σ'(i), dc̃ ⊙ c ⊙ σ'(f), dc̃ ⊙ σ(i) ⊙ (1 − tanh²(g)), dh' ⊙ t ⊙ σ'(o))
+    with σ' = σ(1 − σ), and dc = dc̃ ⊙ σ(f); tanh(g) and t are recomputed from what is kept."""
+
+    @staticmethod
+    def forward(ctx, gates, c):
+        h_new, c_new, s = _lstm_pointwise(gates, c)
+        ctx.save_for_backward(s, c, c_new)
+        return h_new, c_new
+
+    @staticmethod
+    def backward(ctx, dh, dc):
+        s, c, c_new = ctx.saved_tensors
+        i, f, g2, o = s.chunk(4, dim=1)
+        t = tanh(c_new)
+        dc_total = torch.addcmul(dc, dh * o, 1 - t * t)  # (B, H)
+        tanh_g = g2 * 2 - 1
+        d_gates = torch.cat([dc_total * tanh_g, dc_total * c, dc_total * i, dh * t], 1)  # (B, 4H) ∂/∂(σ, tanh)
+        slope = s * (1 - s)  # σ' for i, f, o
+        slope[:, 2 * c.size(1):3 * c.size(1)] = 1 - tanh_g * tanh_g  # tanh' for g
+        return d_gates.mul_(slope), dc_total * f
 
 
 @functools.cache
@@ -331,9 +387,28 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     S = x.size(1)
     pos = torch.arange(S, device=x.device).unsqueeze(0)  # (1, S)
     rev = lengths.to(x.device).unsqueeze(1) - 1 - pos  # (B, S)
-    index = torch.where(rev >= 0, rev, pos)  # (B, S)
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(1, index)
+    return _Reverse.apply(x, torch.where(rev >= 0, rev, pos))
+
+
+class _Reverse(Function):
+    """x.gather(1, index) for an index (B, S) that is its own inverse (a reversal within lengths),
+    so the gradient is the gradient gathered the same way; keeps only the index, where autograd's
+    gather would keep x."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        return _gather_rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _gather_rows(grad, index), None
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """y[b, s] = x[b, index[b, s]] for x (B, S, ...), index (B, S)."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
 def lstm_sequence(rnn: torch.nn.LSTM, x: torch.Tensor, lengths: torch.Tensor

@@ -137,16 +137,54 @@ def test_tanh_is_torch_tanh():
     assert (g_got - g_want).abs().max() <= 1e-6
 
 
+def test_lstm_cell_equals_the_lstm_equations():
+    """c' = σ(f) c + σ(i) tanh(g), h' = σ(o) tanh(c'): values and both gradients against autograd
+    through the plain expressions, and torch's gradcheck of the hand-written backward (fp64)."""
+    torch.manual_seed(0)
+    gates = torch.randn(5, 4 * 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    i, f, g, o = gates.chunk(4, dim=1)
+    want_c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    want_h = torch.sigmoid(o) * torch.tanh(want_c)
+    got_h, got_c = kernels.lstm_cell(gates, c)
+    torch.testing.assert_close(got_h, want_h)
+    torch.testing.assert_close(got_c, want_c)
+    up_h, up_c = torch.randn_like(want_h), torch.randn_like(want_c)
+    want = torch.autograd.grad((want_h * up_h).sum() + (want_c * up_c).sum(), (gates, c))
+    got = torch.autograd.grad((got_h * up_h).sum() + (got_c * up_c).sum(), (gates, c))
+    for gg, wg in zip(got, want):
+        torch.testing.assert_close(gg, wg)
+    assert torch.autograd.gradcheck(kernels.lstm_cell, (gates, c))
+    kernels.lstm_cell(gates, c)[0].sum().backward()  # h' alone: the unused c' gets a zero gradient
+    assert c.grad is not None and torch.isfinite(c.grad).all()
+
+
+def test_reverse_padded_gradient_is_the_reversed_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 2, requires_grad=True)
+    lengths = torch.tensor([5, 2, 3])
+    y = kernels.reverse_padded(x, lengths)
+    torch.testing.assert_close(y[1, :2], x[1, :2].flip(0))
+    torch.testing.assert_close(y[1, 2:], x[1, 2:])  # padding stays
+    up = torch.randn_like(y)
+    (grad,) = torch.autograd.grad((y * up).sum(), x)
+    index = torch.tensor([[4, 3, 2, 1, 0], [1, 0, 2, 3, 4], [2, 1, 0, 3, 4]])
+    ref = x.gather(1, index.unsqueeze(-1).expand_as(x))
+    (want,) = torch.autograd.grad((ref * up).sum(), x)
+    torch.testing.assert_close(grad, want)
+
+
 @pytest.mark.parametrize("batched", [False, True])
-def test_shared_linear_equals_linear_values_and_gradients(batched):
+@pytest.mark.parametrize("steps", [4, 37])  # 37: weight gradients folded at steps 16 and 32, then the rest
+def test_shared_linear_equals_linear_values_and_gradients(batched, steps):
     torch.manual_seed(0)
     shape = (2, 8, 5) if batched else (8, 5)
-    weight = torch.randn(*shape, requires_grad=True)
-    bias = torch.randn(*shape[:-2], 8, requires_grad=True)
-    xs = [torch.randn(*shape[:-2], 3, 5, requires_grad=True) for _ in range(4)]
+    weight = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(*shape[:-2], 8, dtype=torch.float64, requires_grad=True)
+    xs = [torch.randn(*shape[:-2], 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(steps)]
 
     def run(linear):
-        h, outs = torch.zeros(*shape[:-2], 3, 8), []
+        h, outs = torch.zeros(*shape[:-2], 3, 8, dtype=torch.float64), []
         for x in xs:  # a recurrence, so that per-step gradients differ
             h = torch.tanh(linear(x) + 0.5 * h)
             outs.append(h)
