@@ -18,7 +18,7 @@ from torch import nn
 from nmtkit.attention import build_attention
 from nmtkit.config import ModelConfig
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import Linear, SharedLinear, compute_dtype, gru_cell, lstm_cell, tanh
+from nmtkit.kernels import Linear, SharedLinear, compute_dtype, gru_cell, lstm_cell, page_out, tanh
 from nmtkit.registry import DECODERS
 from nmtkit.tokenizer import PAD
 
@@ -105,6 +105,7 @@ class StackedRNN(nn.Module):
             fused.append(layer_linear)
         self.fused = nn.ModuleList(fused)
         self.fused.requires_grad_(False)
+        page_out(*(w for layer in range(self.layers) for w in self._layer_weights(layer)))  # now unused
 
     def state_dict(self, *args, **kwargs):
         """The parameters only: the fused inference layers are derived copies, never saved."""

@@ -13,8 +13,10 @@ waits for every node that consumed its (empty) ``token``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
+import resource
 
 import torch
 from torch import nn
@@ -148,6 +150,38 @@ def plain_matmuls():
         _ONEDNN = old
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise, or None where there is none to call."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+def page_out(*tensors: torch.Tensor | None) -> None:
+    """Ask the kernel to reclaim the memory pages of these CPU tensors' storages (madvise
+    MADV_PAGEOUT): for weights read from a memory-mapped checkpoint that translation has replaced
+    by derived copies (oneDNN-packed, fused, int8), so that both are not resident. Clean file pages
+    are dropped and read again from the file if ever touched; other pages stay as they are (no swap)
+    or go to swap. Contents never change, so this costs at most time. A no-op where unsupported.
+    """
+    madvise, page = _madvise(), resource.getpagesize()
+    if madvise is None:
+        return
+    for t in tensors:
+        if t is None or t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        start = -(-storage.data_ptr() // page) * page  # whole pages inside the storage only
+        end = (storage.data_ptr() + storage.nbytes()) // page * page
+        if end > start:
+            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose product goes through ``linear`` (same parameters, same state dict).
 
@@ -170,6 +204,8 @@ class Linear(nn.Linear):
             self._calls_to_pack -= 1
             if self._calls_to_pack == 0:
                 self._packed, self._packed_version = pack_weight(self.weight), self.weight._version
+                if self._packed is not None:
+                    page_out(self.weight)  # read from the checkpoint file: no longer needed in memory
         packed = self._packed
         if packed is not None and (self.weight._version != self._packed_version or self.weight.requires_grad):
             packed = self._packed = None

@@ -18,7 +18,7 @@ import torch
 from nmtkit.checkpoint import LoadedModel
 from nmtkit.data import pad
 from nmtkit.errors import UsageError
-from nmtkit.kernels import Linear
+from nmtkit.kernels import Linear, page_out
 from nmtkit.model import Seq2Seq
 from nmtkit.search import beam_search, greedy_search, max_lengths
 
@@ -82,13 +82,15 @@ def prepare_for_inference(model: Seq2Seq, precision: str = "fp32", quantize: str
 
         from torch.ao.quantization import quantize_dynamic
 
+        kinds = (torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU)
         for module in model.modules():  # torch.ao swaps exact nn.Linear types only
             if isinstance(module, Linear):
                 module.__class__ = torch.nn.Linear
+        replaced = [p for m in model.modules() if type(m) in kinds for p in m.parameters(recurse=False)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8,
-                             inplace=True)
+            quantize_dynamic(model, set(kinds), dtype=torch.qint8, inplace=True)
+        page_out(*replaced)  # the fp32 originals, read from the checkpoint file
     else:
         for module in model.modules():  # fp32 on CPU: weights in oneDNN's blocked layout, once
             if isinstance(module, Linear):

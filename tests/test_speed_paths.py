@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,6 +128,37 @@ def test_packed_linear_is_dropped_when_the_weight_changes():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer._packed is None
     assert "_packed" not in layer.state_dict() and set(layer.state_dict()) == {"weight", "bias"}
+
+
+def _mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_page_out_drops_mapped_weights_and_keeps_their_values(tmp_path):
+    """A weight read from a memory-mapped checkpoint leaves the process's resident memory after
+    page_out, and reads back unchanged."""
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.arange(4_000_000, dtype=torch.float32)}, path)
+    w = torch.load(path, mmap=True, weights_only=True)["w"]
+    assert float(w.sum()) == pytest.approx(4_000_000 * 3_999_999 / 2, rel=1e-6)  # every page touched
+    before = _mapped_rss_kib(path)
+    assert before > 10_000
+    kernels.page_out(w, None)
+    if _mapped_rss_kib(path) >= before:
+        pytest.skip("this kernel does not support MADV_PAGEOUT")
+    assert _mapped_rss_kib(path) < before / 4
+    assert torch.equal(w, torch.arange(4_000_000, dtype=torch.float32))
+    anon = torch.arange(1000.0)
+    kernels.page_out(anon)  # memory not backed by a file: unchanged
+    assert torch.equal(anon, torch.arange(1000.0))
 
 
 def test_tanh_is_torch_tanh():
