@@ -218,9 +218,10 @@ class _Bank:
     enough to run at full speed, while the banked gradients stay a few MB)."""
 
     FOLD_STEPS = 16
-    __slots__ = ("x", "gy", "d_weight", "d_bias")
+    __slots__ = ("has_bias", "x", "gy", "d_weight", "d_bias")
 
-    def __init__(self) -> None:
+    def __init__(self, has_bias: bool) -> None:
+        self.has_bias = has_bias
         self.x: list[torch.Tensor] = []
         self.gy: list[torch.Tensor] = []
         self.d_weight: torch.Tensor | None = None
@@ -241,12 +242,13 @@ class _Bank:
         x = torch.cat(self.x, dim) if len(self.x) > 1 else self.x[0]  # ([D,] N, in)
         self.x, self.gy = [], []
         d_weight = gy.t().mm(x) if dim == 0 else torch.bmm(gy.transpose(1, 2), x)  # ([D,] out, in)
-        d_bias = gy.sum(dim)
+        d_bias = gy.sum(dim) if self.has_bias else None
         if self.d_weight is None:
             self.d_weight, self.d_bias = d_weight, d_bias
         else:
             self.d_weight += d_weight
-            self.d_bias += d_bias
+            if d_bias is not None:
+                self.d_bias += d_bias
 
 
 def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -264,14 +266,13 @@ class _WeightNode(Function):
     @staticmethod
     def forward(ctx, weight, bias, bank):
         ctx.bank = bank
-        ctx.has_bias = bias is not None
         return weight.new_empty(0)
 
     @staticmethod
     def backward(ctx, _token_grad):
         bank = ctx.bank
         bank.fold()
-        d_weight, d_bias = bank.d_weight, (bank.d_bias if ctx.has_bias else None)
+        d_weight, d_bias = bank.d_weight, bank.d_bias
         bank.d_weight = bank.d_bias = None
         return d_weight, d_bias, None
 
@@ -306,8 +307,8 @@ class SharedLinear:
     A 3-D weight (D, out, in) applies D weights to x (D, N, in) at once (both directions of a
     bidirectional RNN). Built once per forward pass from tensors that may be views or casts of parameters (e.g. the
     concatenation [W_x W_h] in the compute dtype). When gradients are needed the weight gradient
-    is deferred to one matmul after all steps (see the module docstring); otherwise it is a plain
-    addmm.
+    is deferred to a few large matmuls, one per 16 steps (see the module docstring); otherwise it
+    is a plain ``linear``.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -315,7 +316,7 @@ class SharedLinear:
         self.defer = _DEFER and torch.is_grad_enabled() and (
             weight.requires_grad or (bias is not None and bias.requires_grad))
         if self.defer:
-            self.bank = _Bank()
+            self.bank = _Bank(bias is not None)
             self.token = _WeightNode.apply(weight, bias, self.bank)
             self.w = weight.detach()
             self.b = None if bias is None else bias.detach()
