@@ -18,7 +18,8 @@ from torch import nn
 from nmtkit.attention import build_attention
 from nmtkit.config import ModelConfig
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import Linear, SharedLinear, compute_dtype, gru_cell, lstm_cell, page_out, tanh
+from nmtkit.kernels import (Dropout, Linear, SharedLinear, compute_dtype, dropout_mask, gru_cell, lstm_cell,
+                            page_out, tanh)
 from nmtkit.registry import DECODERS
 from nmtkit.tokenizer import PAD
 
@@ -75,7 +76,7 @@ class StackedRNN(nn.Module):
         self.extra_proj = Linear(extra_size, gates, bias=False) if extra_size else None
         self.input_proj = nn.ModuleList(Linear(hidden_size, gates) for _ in range(layers - 1))
         self.hidden_proj = nn.ModuleList(Linear(hidden_size, gates) for _ in range(layers))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layers = layers
         self.hidden_size = hidden_size
         self.fused: nn.ModuleList | None = None  # set by fuse_for_inference (never in a state dict)
@@ -137,9 +138,7 @@ class StackedRNN(nn.Module):
         """Inverted-dropout masks between layers for all steps at once (T, L-1, B, H), or None."""
         if not (self.training and self.dropout.p > 0 and self.layers > 1):
             return None
-        keep = 1.0 - self.dropout.p
-        shape = (steps, self.layers - 1, batch, self.hidden_size)
-        return torch.empty(shape, device=like.device).bernoulli_(keep).div_(keep)
+        return dropout_mask((steps, self.layers - 1, batch, self.hidden_size), self.dropout.p, like.device)
 
     def step(self, pre: torch.Tensor, extra: torch.Tensor | None, h: torch.Tensor,
              c: torch.Tensor | None, plan: list | None = None, drop: torch.Tensor | None = None
@@ -202,7 +201,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(cfg.tgt_vocab_size, cfg.embed_size, padding_idx=PAD)
         self.rnn = StackedRNN(cfg.rnn, cfg.embed_size, extra_size, cfg.hidden_size, cfg.layers, cfg.dropout)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.attention = (build_attention(cfg, cfg.hidden_size, memory_size)
                           if cfg.attention != "none" else None)
         self.hidden_size = cfg.hidden_size

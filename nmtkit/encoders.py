@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmtkit.config import ModelConfig
-from nmtkit.kernels import lstm_sequence, matmuls_via_onednn, reverse_padded
+from nmtkit.kernels import Dropout, lstm_sequence, matmuls_via_onednn, reverse_padded
 from nmtkit.registry import ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -38,7 +38,7 @@ class RNNEncoder(nn.Module):
         super().__init__()
         directions = 2 if self.bidirectional else 1
         self.embed = nn.Embedding(cfg.src_vocab_size, cfg.embed_size, padding_idx=PAD)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         rnn_class = nn.LSTM if cfg.rnn == "lstm" else nn.GRU
         self.rnn = rnn_class(
             cfg.embed_size, cfg.hidden_size // directions, num_layers=cfg.layers, batch_first=True,

@@ -333,6 +333,49 @@ class SharedLinear:
         return linear(x, self.w, self.b)
 
 
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverted-dropout mask (fp32): each element 1/(1−p) with probability 1−p, else 0, independently
+    (F.dropout's distribution). Drawn as uniform < 1−p: on CPU 3x faster than bernoulli_, which
+    F.dropout uses (a 1.6 M-element mask: 5.4 ms against 16.7 ms, bench/README.md)."""
+    keep = 1.0 - p
+    return (torch.rand(shape, device=device) < keep).float().div_(keep)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training) in distribution; on CPU with a faster mask (``dropout_mask``) that
+    is kept for backward as bool (1 byte per element, as F.dropout keeps)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return torch.nn.functional.dropout(x, p, True)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Dropout.apply(x, p)
+    return x * dropout_mask(x.shape, p)
+
+
+class _Dropout(Function):
+    """y = x ⊙ m / (1−p) with m ~ Bernoulli(1−p) elementwise; keeps m as bool for backward."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        keep = torch.rand(x.shape) < 1.0 - p  # (x.shape) bool
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through ``dropout`` (same module, no parameters, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 def compute_dtype(default: torch.dtype = torch.float32, device_type: str = "cpu") -> torch.dtype:
     """The matmul dtype under the current autocast of ``device_type`` (bf16) or ``default``."""
     if torch.is_autocast_enabled(device_type):
@@ -497,5 +540,5 @@ def lstm_sequence(rnn: torch.nn.LSTM, x: torch.Tensor, lengths: torch.Tensor
         h_n.extend(h.unbind(0))
         c_n.extend(c.unbind(0))
         if layer < L - 1 and rnn.dropout and rnn.training:
-            inp = torch.nn.functional.dropout(inp, rnn.dropout, True)
+            inp = dropout(inp, rnn.dropout)
     return inp, (torch.stack(h_n), torch.stack(c_n))

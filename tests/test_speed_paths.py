@@ -1,7 +1,8 @@
 """The fast paths compute what the plain ones compute.
 
 - kernels.linear / kernels.Linear (fp32 through oneDNN, packed weights) == F.linear, values and
-  gradients; kernels.tanh == torch.tanh;
+  gradients; kernels.tanh == torch.tanh; kernels.dropout has F.dropout's distribution, and its
+  gradient goes through the same mask;
 - kernels.SharedLinear (deferred weight gradients) == F.linear step by step, values and gradients;
 - the decoder's fused LSTM/GRU step == torch.nn.LSTMCell / GRUCell with the same weights, also
   after fuse_for_inference;
@@ -168,6 +169,27 @@ def test_tanh_is_torch_tanh():
     g_got, = torch.autograd.grad(got.sum(), x)
     g_want, = torch.autograd.grad(want.sum(), x)
     assert (g_got - g_want).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_dropout_keeps_one_minus_p_scaled_and_backpropagates_through_the_same_mask(p):
+    torch.manual_seed(0)
+    x = (torch.rand(400, 500) + 0.5).requires_grad_()  # no zeros: a zero output means dropped
+    y = kernels.dropout(x, p)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard errors
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    up = torch.randn_like(y)
+    (grad,) = torch.autograd.grad((y * up).sum(), x)
+    torch.testing.assert_close(grad, up * kept / (1 - p))
+    assert kernels.dropout(x, p, training=False) is x
+    mask = kernels.dropout_mask((400, 500), p)
+    values = mask.unique()
+    assert values[0] == 0 and len(values) == 2 and math.isclose(values[1].item(), 1 / (1 - p), rel_tol=1e-6)
+    assert abs((mask != 0).float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    module = kernels.Dropout(p).eval()
+    assert torch.equal(module(x), x) and module.state_dict() == {}
 
 
 def test_lstm_cell_equals_the_lstm_equations():
