@@ -70,8 +70,9 @@ def matmuls_via_onednn(x: torch.Tensor) -> bool:
     return _onednn_for(x)
 
 
-def bucket_rows(m: int) -> int:
-    """m rounded up to one of 8 sizes per octave (exact below 16; at most 12.5 % more rows).
+def bucket_rows(m: int, down: bool = False) -> int:
+    """m rounded up (``down``: down) to one of 8 sizes per octave (exact below 16; at most 12.5 %
+    more rows).
 
     oneDNN builds, and keeps in its cache of up to 1024 primitives, one primitive with its own
     JIT code and scratchpad (0.7-2 MB) per product shape. Row counts vary from batch to batch
@@ -79,7 +80,7 @@ def bucket_rows(m: int) -> int:
     ~500 MB more after 100 steps; with them a run sees a few dozen shapes per weight.
     """
     g = 1 << max(0, m.bit_length() - 4)  # 2^(floor(log2 m) - 3)
-    return -(-m // g) * g
+    return m // g * g if down else -(-m // g) * g
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,8 +88,11 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x2 = x.reshape(-1, x.size(-1))  # (M, in)
     m = x2.size(0)
     pad = bucket_rows(m) - m
-    if pad:
-        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))  # (M + pad, in)
+    if pad:  # a copy and zeros for the pad rows only (F.pad zero-fills all rows, then copies)
+        padded = x2.new_empty(m + pad, x2.size(1))  # (M + pad, in)
+        padded[:m] = x2
+        padded[m:] = 0
+        x2 = padded
     y = _onednn_op()(x2, weight, bias, "none", [], "")  # (M + pad, out)
     return y[:m].view(*x.shape[:-1], y.size(-1))
 

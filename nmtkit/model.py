@@ -12,7 +12,7 @@ import nmtkit.encoders  # noqa: F401  (registers encoders)
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import Linear, compute_dtype, linear, wide
+from nmtkit.kernels import Linear, bucket_rows, compute_dtype, linear, wide
 from nmtkit.registry import BRIDGES, DECODERS, ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -173,22 +173,27 @@ class _GeneratorNLL(torch.autograd.Function):
         uniform = torch.zeros((), dtype=acc, device=h.device)
         if need_grad:
             p_w = torch.empty(n, h.size(1), dtype=acc, device=h.device)  # (N, H) Σ_v p_iv W[v]
-            p_h = torch.zeros(v, h.size(1), dtype=acc, device=h.device)  # (V, H) Σ_i p_i h_iᵀ
-            p_sum = torch.zeros(v, dtype=acc, device=h.device)  # (V,) Σ_i p_i
-        rows = max(1, LOSS_CHUNK_ELEMENTS // v)
+            p_h = p_sum = None  # (V, H) Σ_i p_i h_iᵀ and (V,) Σ_i p_i, from the first chunk on
+        rows = bucket_rows(max(1, LOSS_CHUNK_ELEMENTS // v), down=True)  # no padded rows but the last chunk's
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, n, rows):
                 e = min(s + rows, n)
-                z = linear(hc[s:e], w, b).to(acc)  # (C, V)
-                lse = torch.logsumexp(z, dim=1)  # (C,)
-                nll += (lse - z.gather(1, target[s:e].unsqueeze(1)).squeeze(1)).sum()
-                uniform += (lse - z.mean(dim=1)).sum()
+                z = linear(hc[s:e], w, b).to(acc)  # (C, V) logits
+                z_max = z.amax(dim=1, keepdim=True)  # (C, 1)
+                z_y, z_mean = z.gather(1, target[s:e].unsqueeze(1)), z.mean(dim=1, keepdim=True)  # (C, 1)
+                p = z.sub_(z_max).exp_()  # (C, V) exp(z − max), in place of z: no (C, V) temporary
+                total = p.sum(dim=1, keepdim=True)  # (C, 1)
+                lse = z_max + total.log()  # (C, 1) log Σ_v exp z_v
+                nll += (lse - z_y).sum()
+                uniform += (lse - z_mean).sum()
                 if need_grad:
-                    p = z.sub_(lse.unsqueeze(1)).exp_()  # (C, V) softmax, in place of z
-                    p_sum += p.sum(dim=0)
-                    pc = p.to(dtype)
+                    pc = p.div_(total).to(dtype)  # (C, V) softmax
                     p_w[s:e] = linear(pc, w.t())  # p W
-                    p_h += pc.t().mm(hc[s:e])
+                    if p_h is None:
+                        p_h, p_sum = pc.t().mm(hc[s:e]).to(acc), p.sum(dim=0)
+                    else:  # accumulated in place (no (V, H) temporary) where the dtypes allow
+                        p_h.addmm_(pc.t(), hc[s:e]) if pc.dtype == acc else p_h.add_(pc.t().mm(hc[s:e]))
+                        p_sum += p.sum(dim=0)
         if need_grad:
             ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)
         return nll, uniform
@@ -203,10 +208,10 @@ class _GeneratorNLL(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = weight.to(p_w.dtype)
             d_h = (p_w * g - g_n * w[target] - g_u * w.mean(dim=0)).to(h.dtype)  # (N, H)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # in place of p_h (V, H): a second backward raises, as autograd does
             hw = h.to(p_h.dtype)
-            d_w = (p_h * g).index_add_(0, target, hw * -g_n)  # (V, H)
-            d_w = (d_w - (g_u / v) * hw.sum(dim=0)).to(weight.dtype)
+            d_w = p_h.mul_(g).index_add_(0, target, hw * -g_n).sub_((g_u / v) * hw.sum(dim=0))  # (V, H)
+            d_w = d_w.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             counts = torch.bincount(target, minlength=v).to(p_sum.dtype)  # (V,)
             d_b = (p_sum * g - g_n * counts - g_u * n / v).to(weight.dtype)

@@ -111,6 +111,8 @@ def test_row_buckets_bound_the_shapes_and_the_padding():
     assert buckets[:16] == list(range(1, 17))  # small batches exact
     assert len(set(buckets)) <= 15 + 8 * 9  # 8 per octave above 16
     assert all(kernels.bucket_rows(b) == b for b in buckets)  # a bucket is its own bucket
+    below = [kernels.bucket_rows(m, down=True) for m in range(1, 4097)]
+    assert all(m / 1.125 <= b <= m and b in buckets for m, b in zip(range(1, 4097), below))
 
 
 @needs_onednn
@@ -364,12 +366,17 @@ def test_generator_loss_equals_cross_entropy(smoothing, chunk_rows, monkeypatch)
     for g, expected in zip(got, torch.autograd.grad(3 * want, params)):
         torch.testing.assert_close(g, expected)
     assert not got[0][0, 3:].any()  # padding rows get no gradient
+    loss, _ = generator_loss(h, generator, target, smoothing)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):  # the backward reuses its saved buffers
+        loss.backward()
     with torch.no_grad():  # validation: the same NLL without the gradient work
         torch.testing.assert_close(generator_loss(h, generator, target)[1], nll)
 
 
-def test_generator_loss_bf16_close_to_fp32():
+def test_generator_loss_bf16_close_to_fp32(monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.setattr(nmtkit.model, "LOSS_CHUNK_ELEMENTS", 5 * 50)  # 28 rows in chunks of 5
     generator = torch.nn.Linear(16, 50)
     h = torch.randn(4, 7, 16, requires_grad=True)
     target = torch.randint(1, 50, (4, 7))
