@@ -83,18 +83,41 @@ def bucket_rows(m: int, down: bool = False) -> int:
     return m // g * g if down else -(-m // g) * g
 
 
+def _pad_rows(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """x with zero rows appended along ``dim`` up to ``rows`` (a copy, and zeros for the new rows
+    only: F.pad zero-fills everything first); differentiable."""
+    extra = rows - x.size(dim)
+    if not extra:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim)
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x Wᵀ + b through oneDNN for x (..., in), its rows zero-padded to ``bucket_rows``."""
     x2 = x.reshape(-1, x.size(-1))  # (M, in)
     m = x2.size(0)
-    pad = bucket_rows(m) - m
-    if pad:  # a copy and zeros for the pad rows only (F.pad zero-fills all rows, then copies)
-        padded = x2.new_empty(m + pad, x2.size(1))  # (M + pad, in)
-        padded[:m] = x2
-        padded[m:] = 0
-        x2 = padded
-    y = _onednn_op()(x2, weight, bias, "none", [], "")  # (M + pad, out)
+    y = _onednn_op()(_pad_rows(x2, bucket_rows(m)), weight, bias, "none", [], "")  # (bucketed M, out)
     return y[:m].view(*x.shape[:-1], y.size(-1))
+
+
+def _shape_cached(t: torch.Tensor) -> bool:
+    """Whether torch itself runs products of ``t``'s dtype (under the current autocast) through
+    oneDNN, which keeps a primitive per shape (up to 4 MB each for bf16, measured): CPU bf16/fp16.
+    fp32 products that do not go through ``_onednn_linear`` run in MKL, which caches nothing."""
+    return t.device.type == "cpu" and compute_dtype(t.dtype) in (torch.bfloat16, torch.float16)
+
+
+def rows_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """aᵀ b summed over rows: a (N, p), b (N, q) -> (p, q); batched a (D, N, p), b (D, N, q) -> (D, p, q).
+    Weight gradients. Where torch caches a oneDNN primitive per shape (``_shape_cached``), N is
+    padded with zero rows to ``bucket_rows`` (zero rows add nothing)."""
+    dim = a.dim() - 2
+    if _shape_cached(a):
+        rows = bucket_rows(a.size(dim))
+        a, b = _pad_rows(a, rows, dim), _pad_rows(b, rows, dim)
+    return a.t().mm(b) if dim == 0 else torch.bmm(a.transpose(1, 2), b)
 
 
 class _OneDNNLinear(Function):
@@ -115,7 +138,7 @@ class _OneDNNLinear(Function):
             d_x = linear(gy, weight.t())  # (..., in)
         gy2 = gy.reshape(-1, gy.size(-1))  # (N, out)
         if ctx.needs_input_grad[1]:
-            d_w = gy2.t().mm(x.reshape(-1, x.size(-1)))  # (out, in)
+            d_w = rows_product(gy2, x.reshape(-1, x.size(-1)))  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             d_b = gy2.sum(0)
         return d_x, d_w, d_b
@@ -128,6 +151,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``packed``: W in oneDNN's blocked layout (``pack_weight``), used when no gradient is needed.
     """
     if weight.dim() != 2 or x.numel() == 0 or not _onednn_for(x, weight, bias):
+        rows = x.numel() // x.size(-1) if x.numel() else 0
+        if weight.dim() == 2 and bucket_rows(rows) != rows and _shape_cached(weight):  # bf16: rows bucketed too
+            x2 = x.reshape(rows, x.size(-1))  # (M, in)
+            y = torch.nn.functional.linear(_pad_rows(x2, bucket_rows(rows)), weight, bias)[:rows]
+            return y.view(*x.shape[:-1], y.size(-1))
         return torch.nn.functional.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -245,7 +273,7 @@ class _Bank:
         gy = torch.cat(self.gy, dim) if len(self.gy) > 1 else self.gy[0]  # ([D,] N, out)
         x = torch.cat(self.x, dim) if len(self.x) > 1 else self.x[0]  # ([D,] N, in)
         self.x, self.gy = [], []
-        d_weight = gy.t().mm(x) if dim == 0 else torch.bmm(gy.transpose(1, 2), x)  # ([D,] out, in)
+        d_weight = rows_product(gy, x)  # ([D,] out, in)
         d_bias = gy.sum(dim) if self.has_bias else None
         if self.d_weight is None:
             self.d_weight, self.d_bias = d_weight, d_bias

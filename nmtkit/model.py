@@ -12,7 +12,7 @@ import nmtkit.encoders  # noqa: F401  (registers encoders)
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import Linear, bucket_rows, compute_dtype, linear, wide
+from nmtkit.kernels import Linear, bucket_rows, compute_dtype, linear, rows_product, wide
 from nmtkit.registry import BRIDGES, DECODERS, ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -190,9 +190,9 @@ class _GeneratorNLL(torch.autograd.Function):
                     pc = p.div_(total).to(dtype)  # (C, V) softmax
                     p_w[s:e] = linear(pc, w.t())  # p W
                     if p_h is None:
-                        p_h, p_sum = pc.t().mm(hc[s:e]).to(acc), p.sum(dim=0)
+                        p_h, p_sum = rows_product(pc, hc[s:e]).to(acc), p.sum(dim=0)
                     else:  # accumulated in place (no (V, H) temporary) where the dtypes allow
-                        p_h.addmm_(pc.t(), hc[s:e]) if pc.dtype == acc else p_h.add_(pc.t().mm(hc[s:e]))
+                        p_h.addmm_(pc.t(), hc[s:e]) if pc.dtype == acc else p_h.add_(rows_product(pc, hc[s:e]))
                         p_sum += p.sum(dim=0)
         if need_grad:
             ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)

@@ -12,7 +12,7 @@
 - the fused token NLL == F.cross_entropy (with and without label smoothing), values and gradients;
 - greedy and beam search == the straightforward reference implementations below;
 - bf16 and int8 translation give the fp32 tokens on a trained toy model (tolerance documented);
-- bf16 training really runs its matmuls in bf16.
+- bf16 training really runs its matmuls in bf16, on row counts bucketed like the fp32 oneDNN path.
 
 No timing assertions: speed is measured by bench/.
 """
@@ -555,3 +555,43 @@ def test_bf16_training_runs_bf16_matmuls():
         loss.backward()
     total = sum(record.flops.values())
     assert record.flops.get(torch.bfloat16, 0) / total > 0.95, record.flops
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the operand shapes of every mm / addmm that actually runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm"):
+            a, b = args[1:3] if name == "addmm" else args[:2]
+            self.shapes.append((tuple(a.shape), tuple(b.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_products_run_on_bucketed_rows_and_equal_torch():
+    """torch's bf16 matmuls keep a oneDNN primitive per shape: ``linear`` and ``rows_product`` pad
+    the rows (37 -> 40 = bucket_rows(37)) and still compute F.linear and its gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 24).bfloat16().requires_grad_()
+    w = torch.randn(20, 24).bfloat16().requires_grad_()
+    b = torch.randn(20).bfloat16().requires_grad_()
+    up = torch.randn(37, 20).bfloat16()
+    with MatmulShapes() as record:
+        got = kernels.linear(x, w, b)
+        got_grads = torch.autograd.grad((got * up).sum(), (x, w, b))
+    assert kernels.bucket_rows(37) == 40
+    assert record.shapes and all(40 in a or 40 in bb for a, bb in record.shapes)  # rows (M or K) padded
+    want = F.linear(x, w, b)
+    torch.testing.assert_close(got, want)
+    for g, wg in zip(got_grads, torch.autograd.grad((want * up).sum(), (x, w, b))):
+        torch.testing.assert_close(g, wg)
+    a, c = torch.randn(2, 37, 6).bfloat16(), torch.randn(2, 37, 5).bfloat16()
+    torch.testing.assert_close(kernels.rows_product(a[0], c[0]), a[0].t().mm(c[0]))
+    torch.testing.assert_close(kernels.rows_product(a, c), torch.bmm(a.transpose(1, 2), c))
+    with MatmulShapes() as record:
+        kernels.rows_product(torch.randn(37, 6), torch.randn(37, 5))  # fp32: MKL, no padding
+    assert record.shapes == [((6, 37), (37, 5))]
