@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmtkit.config import ModelConfig
-from nmtkit.kernels import Dropout, lstm_sequence, matmuls_via_onednn, reverse_padded
+from nmtkit.kernels import Dropout, lstm_sequence, reverse_padded
 from nmtkit.registry import ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -54,9 +54,9 @@ class RNNEncoder(nn.Module):
         emb = self.dropout(self.embed(src))  # (B, S, E)
         if self.reverse_source:
             emb = reverse_padded(emb, lengths)
-        if type(self.rnn) is nn.LSTM and (self.training and torch.is_grad_enabled() or matmuls_via_onednn(emb)):
-            # same function as packed sequences; on CPU a faster backward, and fp32 matmuls that
-            # run through oneDNN (kernels.lstm_sequence, kernels.linear)
+        if type(self.rnn) is nn.LSTM and self.training and torch.is_grad_enabled():
+            # same function as packed sequences, with a faster backward on CPU (kernels.lstm_sequence);
+            # without gradients nn.LSTM is as fast and holds less memory (translation, bench/README.md)
             states, final = lstm_sequence(self.rnn, emb, lengths)
         else:
             packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)

@@ -65,11 +65,6 @@ def _onednn_for(*tensors: torch.Tensor | None) -> bool:
             and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors))
 
 
-def matmuls_via_onednn(x: torch.Tensor) -> bool:
-    """Whether ``linear`` sends fp32 products with inputs like ``x`` through oneDNN."""
-    return _onednn_for(x)
-
-
 def bucket_rows(m: int, down: bool = False) -> int:
     """m rounded up (``down``: down) to one of 8 sizes per octave (exact below 16; at most 12.5 %
     more rows).

@@ -495,8 +495,8 @@ def test_forced_length_gives_exactly_that_many_tokens(toy_model):
 
 @needs_onednn
 def test_packed_fp32_translation_gives_plain_tokens(toy_model):
-    """fp32 translation with oneDNN-packed weights and the oneDNN encoder == torch's own matmuls
-    and nn.LSTM (fp32 both: only summation order differs, no token of the toy task flips)."""
+    """fp32 translation with oneDNN-packed weights == torch's own matmuls (fp32 both: only
+    summation order differs, no token of the toy task flips)."""
     path, sources = toy_model
     opts = DecodeOptions(beam=4, batch_size=32)
     model = prepare_for_inference(LoadedModel(path).model)
