@@ -4,7 +4,8 @@
 perplexity, ``step-N.pt`` with ``keep_last``) and a JSONL metrics log.
 
 Scaling out: one process, or several with ``torch.distributed`` (``torchrun -m nmtkit train`` or
-``nmtkit train --nproc N``), DDP with gloo on CPU and NCCL on GPU. One optimizer update consumes
+``nmtkit train --nproc N``; starting and joining them: nmtkit.distributed), DDP with gloo on CPU
+and NCCL on GPU. One optimizer update consumes
 ``world_size x update_freq`` consecutive batches of the epoch's batch list (deterministic in
 (seed, epoch)); rank r takes its ``update_freq`` of them, and every micro-batch's loss is divided by
 the target tokens of the whole group, so an update is the same sum whatever the split:
@@ -29,12 +30,10 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +45,7 @@ from tqdm import tqdm
 from nmtkit.checkpoint import join_vocab, load_checkpoint, save_checkpoint
 from nmtkit.config import Config
 from nmtkit.data import Batch, DataDir, ParallelData, collate, token_batches
+from nmtkit.distributed import DistInfo, default_device, init_distributed, launch
 from nmtkit.errors import NmtkitError, UsageError
 from nmtkit.model import Seq2Seq, build_model
 from nmtkit.score import bleu
@@ -70,24 +70,6 @@ class TrainState:
     lr: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_saved_ppl: float = math.inf  # perplexity of the model in best.pt (any validation)
-
-
-@dataclass
-class DistInfo:
-    """This process's place in a (possibly one-process) training job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def prepare_config(config: Config, data: DataDir) -> Config:
@@ -582,148 +564,8 @@ class Trainer:
         return summary
 
 
-# ----------------------------------------------------------------------------- processes
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def init_distributed(rank: int | None = None, world_size: int | None = None,
-                     store: Any = None) -> DistInfo:
-    """Join the process group: from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT) or from an explicit rank/world size/store (``--nproc``). NCCL on GPU, gloo on CPU.
-    A world of one process is no process group at all."""
-    if rank is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    else:
-        local_rank = rank
-    if world_size is None or world_size <= 1:
-        return DistInfo(device=default_device())
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"{world_size} processes on this machine but only {torch.cuda.device_count()} GPU(s)")
-        backend, device = "nccl", torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        backend, device = "gloo", torch.device("cpu")
-    if not dist.is_initialized():
-        kwargs: dict[str, Any] = {"backend": backend, "rank": rank, "world_size": world_size,
-                                  "timeout": timedelta(hours=1)}
-        if store is not None:
-            kwargs["store"] = store
-        dist.init_process_group(**kwargs)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def _loopback_interface() -> str | None:
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError:
-        return None
-    return next((n for n in ("lo", "lo0") if n in names), None)
-
-
-def _spawned(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tuple, queue) -> None:
-    """One process of a ``--nproc`` job: join the group over loopback, run ``fn(dist_info, *args)``.
-    The outcome goes back to the launcher through ``queue``; NmtkitErrors exit without traceback."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc))
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
-    try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(minutes=5))
-        info = init_distributed(rank, nproc, store)
-        try:
-            result = fn(info, *args)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        if rank == 0:
-            queue.put(("ok", rank, 0, result, ""))
-    except NmtkitError as e:
-        queue.put(("error", rank, e.exit_code, str(e), type(e).__name__))
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        queue.put(("error", rank, 130, "interrupted", "NmtkitError"))
-        sys.exit(130)
-    except Exception as e:  # a bug, or a peer that died: torch's wrapper keeps the traceback
-        queue.put(("crash", rank, 1, f"{type(e).__name__}: {str(e).strip()[:300]}", type(e).__name__))
-        raise
-
-
-def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(dist_info, *args)`` in ``nproc`` local processes (torch.multiprocessing, spawn) that
-    meet over loopback only; returns rank 0's result. SIGINT/SIGTERM are passed on to the workers;
-    a worker's NmtkitError comes back as the same one-line error."""
-    import logging
-
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
-
-    if nproc < 1:
-        raise UsageError(f"--nproc must be at least 1 (got {nproc})")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise UsageError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) on this machine")
-    if "GLOO_SOCKET_IFNAME" not in os.environ and not torch.cuda.is_available():
-        loopback = _loopback_interface()
-        if loopback:
-            os.environ["GLOO_SOCKET_IFNAME"] = loopback  # one machine: no network needed
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(minutes=5))  # port 0: the OS picks a free one; no race
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    context = mp.start_processes(_spawned, args=(nproc, store.port, fn, args, queue), nprocs=nproc,
-                                 join=False, start_method="spawn")
-
-    def forward(signum, frame):
-        for p in context.processes:
-            if p.is_alive() and p.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signum)
-
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # we report failures ourselves
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not context.join(timeout=1):
-            pass
-    except ProcessException as e:
-        # the root cause first: a worker's NmtkitError (its peers then fail in collectives)
-        outcomes = _drain(queue)
-        errors = sorted((o for o in outcomes if o[0] == "error"), key=lambda o: o[1])
-        if errors:
-            _, rank, code, message, kind = errors[0]
-            error = UsageError(message) if kind == "UsageError" else NmtkitError(message)
-            error.exit_code = code
-            raise error from None
-        if isinstance(e, ProcessExitedException):
-            raise NmtkitError(f"training process {e.error_index} of {nproc} died "
-                              f"({_describe_exit(e.exit_code)})") from None
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    outcomes = [o for o in _drain(queue) if o[0] == "ok"]
-    return outcomes[0][3] if outcomes else None
-
-
-def _drain(queue) -> list[tuple]:
-    items = []
-    while not queue.empty():
-        items.append(queue.get())
-    return items
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit status {code}"
 
 
 def _train_worker(info: DistInfo, data_dir, save_dir, config_dict, resume, overrides) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, run_cli, small_config
 from nmtkit.checkpoint import load_checkpoint
 from nmtkit.config import Config
-from nmtkit.train import DistInfo, Trainer, launch, train
+from nmtkit.distributed import DistInfo, launch
+from nmtkit.train import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS = 6  # 9 batches an epoch, 2 per update: crosses the epoch end, whose last group has 1 batch
