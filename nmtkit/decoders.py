@@ -28,25 +28,34 @@ from nmtkit.tokenizer import PAD
 class DecoderState:
     """Everything a decoder step reads; every tensor has the batch on dim 0.
 
-    ``memory``, ``keys``, ``mask`` and ``lengths`` are fixed per sentence (beam search reorders
-    them only when finished sentences leave the batch); ``hidden`` changes every step.
+    ``memory``, ``keys``, ``mask`` and ``lengths`` are fixed per sentence, one row each (B);
+    ``hidden`` changes every step and has one row per hypothesis: B·beam rows, the hypotheses of
+    sentence b in rows b·beam … b·beam + beam − 1, which query b's memory together (``with_beam``).
     """
 
     memory: torch.Tensor  # (B, S, Hm) encoder states h̄_s
     keys: torch.Tensor  # (B, S, K) precomputed attention projection of the memory
     mask: torch.Tensor  # (B, S) bool
     lengths: torch.Tensor  # (B,) source lengths
-    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # h, c (B, L, H); feed (B, H)
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # h, c (N, L, H); feed (N, H); N = B·beam
     plan: dict[str, Any] = field(default_factory=dict)  # per-batch step weights (Decoder.plan), shared by all rows
+    beam: int = 1  # hypotheses per sentence
 
-    def select(self, index: torch.Tensor) -> "DecoderState":
-        """Rows ``index`` of everything (dropping or repeating sentences)."""
-        pick = lambda t: t.index_select(0, index)  # noqa: E731
+    def with_beam(self, beam: int) -> "DecoderState":
+        """``beam`` hypotheses per sentence: the recurrent part repeated, the memory not copied."""
+        index = torch.arange(self.memory.size(0), device=self.memory.device).repeat_interleave(beam)
+        return replace(self, hidden={k: v.index_select(0, index) for k, v in self.hidden.items()}, beam=beam)
+
+    def select(self, index: torch.Tensor, sentences: torch.Tensor | None = None) -> "DecoderState":
+        """Hypothesis rows ``index`` of the recurrent part and sentence rows ``sentences`` (default:
+        ``index``, for one hypothesis per sentence) of the rest: finished sentences leave."""
+        rows = index if sentences is None else sentences
+        pick = lambda t: t.index_select(0, rows)  # noqa: E731
         return DecoderState(pick(self.memory), pick(self.keys), pick(self.mask), pick(self.lengths),
-                            {k: pick(v) for k, v in self.hidden.items()}, self.plan)
+                            {k: v.index_select(0, index) for k, v in self.hidden.items()}, self.plan, self.beam)
 
     def reorder(self, index: torch.Tensor) -> "DecoderState":
-        """Rows ``index`` of the recurrent part only (beams of one sentence share the memory)."""
+        """Rows ``index`` of the recurrent part only (hypotheses move within their sentence)."""
         return replace(self, hidden={k: v.index_select(0, index) for k, v in self.hidden.items()})
 
 
@@ -219,11 +228,13 @@ class Decoder(nn.Module):
         return {"rnn": self.rnn.plan()}
 
     def attend(self, state: DecoderState, query: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """query (B, Hq) at 1-based target step t -> context (B, Hm), weights (B, S)."""
-        steps = torch.tensor([t], device=query.device)
-        context, weights = self.attention(query.unsqueeze(1), state.keys, state.memory, state.mask,
-                                          state.lengths, steps)
-        return context.squeeze(1), weights.squeeze(1)
+        """query (N, Hq) at 1-based target step t -> context (N, Hm), weights (N, S); N = B·beam:
+        a sentence's hypotheses are the attention's ``beam`` query positions over its memory."""
+        N, K = query.size(0), state.beam
+        steps = torch.full((K,), t, device=query.device)
+        context, weights = self.attention(query.view(N // K, K, -1), state.keys, state.memory, state.mask,
+                                          state.lengths, steps)  # (B, K, Hm), (B, K, S)
+        return context.reshape(N, -1), weights.reshape(N, -1)
 
     def precompute(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-step inputs that depend only on the embedded targets emb (B, T, E)."""

@@ -2,7 +2,8 @@
 
 Finished sentences leave the batch (their state rows are dropped with index_select); beam
 search keeps all sentences x beams in one tensor and reorders the recurrent state with
-index_select; no per-hypothesis Python objects live in the inner loop.
+index_select, while each sentence's memory is held once and queried by all its beams together;
+no per-hypothesis Python objects live in the inner loop.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_le
     """
     device = src.device
     B, K = src.size(0), beam
-    state = model.encode(src, lengths).select(torch.arange(B, device=device).repeat_interleave(K))
+    state = model.encode(src, lengths).with_beam(K)  # hypotheses b·K … b·K+K−1 share sentence b's memory
     scores = torch.full((B, K), -math.inf, device=device)
     scores[:, 0] = 0.0  # only one live hypothesis at the start
     history = torch.empty((B * K, 0), dtype=torch.long, device=device)
@@ -139,7 +140,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_le
             keep = (~leaving).nonzero().squeeze(1)
             keep_dev = keep.to(device)
             flat_keep = (keep_dev.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
-            state, history, y = state.select(flat_keep), history.index_select(0, flat_keep), y[flat_keep]
+            state, history, y = state.select(flat_keep, keep_dev), history.index_select(0, flat_keep), y[flat_keep]
             scores = scores.index_select(0, keep_dev)
             alive, limits, n_finished = alive[keep], limits[keep], n_finished[keep]
     return [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in finished]

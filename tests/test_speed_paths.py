@@ -320,6 +320,39 @@ def test_lstm_sequence_equals_packed_lstm(bidirectional):
 
 
 @pytest.mark.parametrize("decoder,attention,window,rnn,input_feed", DECODER_SETUPS)
+def test_beams_sharing_the_memory_equal_beams_with_copies(decoder, attention, window, rnn, input_feed):
+    """Beam search's state holds each sentence's memory once and its K hypotheses query it together
+    (DecoderState.with_beam); every step equals the same hypotheses with the memory copied per row,
+    also after hypotheses are reordered and a sentence leaves the batch."""
+    cfg = ModelConfig(decoder=decoder, attention=attention, window=window, rnn=rnn, input_feed=input_feed,
+                      layers=2, hidden_size=12, embed_size=8, dropout=0.0, src_vocab_size=20,
+                      tgt_vocab_size=22)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    src, lengths, _ = toy_batch()
+    K, B = 3, src.size(0)
+    with torch.no_grad():
+        shared = model.encode(src, lengths).with_beam(K)
+        copies = model.encode(src, lengths).select(torch.arange(B).repeat_interleave(K))
+        gen = torch.Generator().manual_seed(1)
+        for t in range(1, 6):
+            y = torch.randint(4, 22, (shared.hidden["h"].size(0),), generator=gen)
+            got, got_a, shared = model.step(shared, y, t)
+            want, want_a, copies = model.step(copies, y, t)
+            torch.testing.assert_close(got, want)
+            if want_a is not None:
+                torch.testing.assert_close(got_a, want_a)
+            n = K * (B if t < 3 else B - 1)
+            order = torch.arange(n) // K * K + torch.randint(0, K, (n,), generator=gen)  # within each sentence
+            shared, copies = shared.reorder(order), copies.reorder(order)
+            if t == 2:  # sentence 1 leaves
+                keep = torch.tensor([0, 2, 3, 4])
+                rows = (keep.unsqueeze(1) * K + torch.arange(K)).view(-1)
+                shared, copies = shared.select(rows, keep), copies.select(rows)
+    assert shared.memory.size(0) == B - 1 and copies.memory.size(0) == K * (B - 1)
+
+
+@pytest.mark.parametrize("decoder,attention,window,rnn,input_feed", DECODER_SETUPS)
 def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn, input_feed):
     cfg = ModelConfig(decoder=decoder, attention=attention, window=window, rnn=rnn, input_feed=input_feed,
                       layers=2, hidden_size=12, embed_size=8, dropout=0.0, src_vocab_size=20,
