@@ -89,12 +89,19 @@ def _pad_rows(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim)
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x Wᵀ + b through oneDNN for x (..., in), its rows zero-padded to ``bucket_rows``."""
+def _on_bucketed_rows(product, x: torch.Tensor) -> torch.Tensor:
+    """``product`` (a row-wise map (M, in) -> (M, out)) of x (..., in), run on x's rows zero-padded
+    to ``bucket_rows`` (no padding, and no slicing, where M already is a bucket)."""
     x2 = x.reshape(-1, x.size(-1))  # (M, in)
     m = x2.size(0)
-    y = _onednn_op()(_pad_rows(x2, bucket_rows(m)), weight, bias, "none", [], "")  # (bucketed M, out)
-    return y[:m].view(*x.shape[:-1], y.size(-1))
+    rows = bucket_rows(m)
+    y = product(x2) if rows == m else product(_pad_rows(x2, rows))[:m]  # (M, out)
+    return y.view(*x.shape[:-1], y.size(-1))
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b through oneDNN for x (..., in), on bucketed rows."""
+    return _on_bucketed_rows(lambda rows: _onednn_op()(rows, weight, bias, "none", [], ""), x)
 
 
 def _shape_cached(t: torch.Tensor) -> bool:
@@ -146,11 +153,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``packed``: W in oneDNN's blocked layout (``pack_weight``), used when no gradient is needed.
     """
     if weight.dim() != 2 or x.numel() == 0 or not _onednn_for(x, weight, bias):
-        rows = x.numel() // x.size(-1) if x.numel() else 0
-        if weight.dim() == 2 and bucket_rows(rows) != rows and _shape_cached(weight):  # bf16: rows bucketed too
-            x2 = x.reshape(rows, x.size(-1))  # (M, in)
-            y = torch.nn.functional.linear(_pad_rows(x2, bucket_rows(rows)), weight, bias)[:rows]
-            return y.view(*x.shape[:-1], y.size(-1))
+        if weight.dim() == 2 and x.numel() and _shape_cached(weight):  # bf16: rows bucketed too
+            return _on_bucketed_rows(lambda rows: torch.nn.functional.linear(rows, weight, bias), x)
         return torch.nn.functional.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -360,24 +364,27 @@ class SharedLinear:
         return linear(x, self.w, self.b)
 
 
+def _kept(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool mask, each element True with probability 1−p, independently. Drawn as uniform < 1−p:
+    on CPU 3x faster than bernoulli_, which F.dropout uses (a 1.6 M-element mask: 5.4 ms against
+    16.7 ms, bench/README.md)."""
+    return torch.rand(shape, device=device) < 1.0 - p
+
+
 def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Inverted-dropout mask (fp32): each element 1/(1−p) with probability 1−p, else 0, independently
-    (F.dropout's distribution). Drawn as uniform < 1−p: on CPU 3x faster than bernoulli_, which
-    F.dropout uses (a 1.6 M-element mask: 5.4 ms against 16.7 ms, bench/README.md)."""
-    keep = 1.0 - p
-    return (torch.rand(shape, device=device) < keep).float().div_(keep)
+    (F.dropout's distribution)."""
+    return _kept(shape, p, device).float().div_(1.0 - p)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training) in distribution; on CPU with a faster mask (``dropout_mask``) that
-    is kept for backward as bool (1 byte per element, as F.dropout keeps)."""
+    """F.dropout(x, p, training) in distribution; on CPU with a faster mask (``_kept``) that is kept
+    for backward as bool (1 byte per element, as F.dropout keeps)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return torch.nn.functional.dropout(x, p, True)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Dropout.apply(x, p)
-    return x * dropout_mask(x.shape, p)
+    return _Dropout.apply(x, p)
 
 
 class _Dropout(Function):
@@ -385,7 +392,7 @@ class _Dropout(Function):
 
     @staticmethod
     def forward(ctx, x, p):
-        keep = torch.rand(x.shape) < 1.0 - p  # (x.shape) bool
+        keep = _kept(x.shape, p)  # (x.shape) bool
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return x.mul(keep).mul_(ctx.scale)

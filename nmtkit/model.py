@@ -191,8 +191,11 @@ class _GeneratorNLL(torch.autograd.Function):
                     p_w[s:e] = linear(pc, w.t())  # p W
                     if p_h is None:
                         p_h, p_sum = rows_product(pc, hc[s:e]).to(acc), p.sum(dim=0)
-                    else:  # accumulated in place (no (V, H) temporary) where the dtypes allow
-                        p_h.addmm_(pc.t(), hc[s:e]) if pc.dtype == acc else p_h.add_(rows_product(pc, hc[s:e]))
+                    else:
+                        if pc.dtype == acc:  # accumulated in place: no (V, H) temporary
+                            p_h.addmm_(pc.t(), hc[s:e])
+                        else:
+                            p_h += rows_product(pc, hc[s:e])
                         p_sum += p.sum(dim=0)
         if need_grad:
             ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)
