@@ -18,8 +18,8 @@ from torch import nn
 from nmtkit.attention import build_attention
 from nmtkit.config import ModelConfig
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import (Dropout, Linear, SharedLinear, compute_dtype, dropout_mask, gru_cell, lstm_cell,
-                            page_out, tanh)
+from nmtkit.kernels import (Dropout, Linear, PackedLinear, SharedLinear, compute_dtype, dropout_mask, gru_cell,
+                            lstm_cell, pack_weight, page_out, tanh)
 from nmtkit.registry import DECODERS
 from nmtkit.tokenizer import PAD
 
@@ -100,18 +100,25 @@ class StackedRNN(nn.Module):
         return w_x, b_x, self.hidden_proj[layer].weight, self.hidden_proj[layer].bias
 
     @torch.no_grad()
-    def fuse_for_inference(self) -> None:
-        """Build per-layer [W_x W_h] nn.Linear modules (LSTM) for translation; weights are copies,
-        so call this after the weights are final (translate does, after loading a checkpoint)."""
+    def fuse_for_inference(self, pack: bool = False) -> None:
+        """Build per-layer [W_x W_h] linear modules (LSTM) for translation; weights are copies,
+        so call this after the weights are final (translate does, after loading a checkpoint).
+        ``pack``: keep each fused weight only in oneDNN's blocked layout (``PackedLinear``, fp32
+        CPU), not also as a plain copy (16 MB for the reference model)."""
         if not self.lstm:
             return
         fused = []
         for layer in range(self.layers):
             w_x, b_x, w_h, b_h = self._layer_weights(layer)
-            weight = w_h if w_x is None else torch.cat([w_x, w_h], 1)
+            weight = w_h if w_x is None else torch.cat([w_x, w_h], 1)  # (4H, in + H)
+            bias = b_h if b_x is None else b_x + b_h  # (4H,)
+            packed = pack_weight(weight) if pack else None
+            if packed is not None:
+                fused.append(PackedLinear(packed, bias.clone()))
+                continue
             layer_linear = Linear(weight.size(1), weight.size(0), device=weight.device, dtype=weight.dtype)
             layer_linear.weight.copy_(weight)
-            layer_linear.bias.copy_(b_h if b_x is None else b_x + b_h)
+            layer_linear.bias.copy_(bias)
             fused.append(layer_linear)
         self.fused = nn.ModuleList(fused)
         self.fused.requires_grad_(False)

@@ -243,6 +243,19 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, packed)
 
 
+class PackedLinear(nn.Module):
+    """Inference-only x Wᵀ + b holding W only in oneDNN's blocked layout (``pack_weight``), for
+    weights that exist only as derived copies (the fused decoder layers): no plain copy stays
+    resident beside the packed one. ``packed`` is not a buffer: never saved, never moved."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.packed, self.bias = packed, bias  # packed: (out, in) blocked; bias: (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _onednn_linear(x, self.packed, self.bias)
+
+
 class _Bank:
     """Per-step inputs and output gradients of one shared weight, filled during backward and
     folded into dW, db every FOLD_STEPS steps (one matmul over that many steps' rows: large

@@ -74,9 +74,12 @@ def prepare_for_inference(model: Seq2Seq, precision: str = "fp32", quantize: str
         return model
     model.eval()
     model.requires_grad_(False)
-    model.decoder.rnn.fuse_for_inference()
+    model.decoder.rnn.fuse_for_inference(pack=precision == "fp32" and quantize == "none")
     if precision == "bf16":
-        model.to(torch.bfloat16)
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.is_floating_point():  # one at a time, so the fp32 pages never all stay resident
+                fp32, tensor.data = tensor.data, tensor.data.to(torch.bfloat16)
+                page_out(fp32)  # read from the checkpoint file
     if quantize == "int8":
         import warnings
 

@@ -262,9 +262,10 @@ def _stacked(rnn: str, extra: int = 6) -> StackedRNN:
 
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, "plain", "packed"])
 def test_stacked_step_equals_torch_cells(rnn, fused):
-    """Layer 0 sees [x; extra]; layer 1 sees layer 0's output: torch cells with the same weights."""
+    """Layer 0 sees [x; extra]; layer 1 sees layer 0's output: torch cells with the same weights.
+    Fused LSTM layers hold [W_x W_h] plainly or (oneDNN) only in blocked layout."""
     stack = _stacked(rnn)
     cell_class = torch.nn.LSTMCell if rnn == "lstm" else torch.nn.GRUCell
     cells = [cell_class(4 + 6, 5), cell_class(5, 5)]
@@ -277,7 +278,9 @@ def test_stacked_step_equals_torch_cells(rnn, fused):
             cells[layer].weight_hh.copy_(stack.hidden_proj[layer].weight)
             cells[layer].bias_hh.copy_(stack.hidden_proj[layer].bias)
     if fused:
-        stack.fuse_for_inference()
+        stack.fuse_for_inference(pack=fused == "packed")
+        if rnn == "lstm" and fused == "packed" and kernels._onednn_op() is not None:
+            assert all(isinstance(m, kernels.PackedLinear) and not hasattr(m, "weight") for m in stack.fused)
     x, extra = torch.randn(3, 4), torch.randn(3, 6)
     h, c = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
     with torch.no_grad():
@@ -534,10 +537,31 @@ def test_packed_fp32_translation_gives_plain_tokens(toy_model):
     opts = DecodeOptions(beam=4, batch_size=32)
     model = prepare_for_inference(LoadedModel(path).model)
     got = translate_ids(model, sources, opts)
-    assert model.generator._packed is not None and model.decoder.rnn.fused[0]._packed is not None
+    assert model.generator._packed is not None and isinstance(model.decoder.rnn.fused[0], kernels.PackedLinear)
     with plain_matmuls():
         want = translate_ids(prepare_for_inference(LoadedModel(path).model), sources, opts)
     assert got == want
+
+
+def test_bf16_preparation_converts_every_weight_as_module_to_does(toy_model):
+    """prepare_for_inference converts to bf16 one tensor at a time (paging out each fp32 original):
+    the same weights as ``model.to(torch.bfloat16)``, and the encoder's nn.LSTM runs with them."""
+    path, sources = toy_model
+    model = prepare_for_inference(LoadedModel(path).model, "bf16")
+    want = LoadedModel(path).model.eval()
+    want.decoder.rnn.fuse_for_inference()
+    want.to(torch.bfloat16)
+    got_tensors, want_tensors = dict(model.state_dict()), dict(want.state_dict())
+    assert got_tensors.keys() == want_tensors.keys()
+    for name, tensor in got_tensors.items():
+        assert tensor.dtype == want_tensors[name].dtype and torch.equal(tensor, want_tensors[name]), name
+    for got_fused, want_fused in zip(model.decoder.rnn.fused, want.decoder.rnn.fused):
+        assert got_fused.weight.dtype == torch.bfloat16 and torch.equal(got_fused.weight, want_fused.weight)
+    src, lengths = _batch(sources[:8])
+    with torch.no_grad(), autocast("bf16"):
+        got_memory, want_memory = model.encode(src, lengths).memory, want.encode(src, lengths).memory
+    assert got_memory.dtype == torch.bfloat16
+    torch.testing.assert_close(got_memory, want_memory, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("precision,quantize", [("bf16", "none"), ("fp32", "int8")])
