@@ -25,6 +25,7 @@ import typer  # noqa: E402
 
 from nmtkit.errors import NmtkitError, UsageError  # noqa: E402
 from nmtkit.registry import ATTENTIONS, BRIDGES, DECODERS, ENCODERS, WINDOWS  # noqa: E402
+import nmtkit.kernels  # noqa: E402
 import nmtkit.model  # noqa: F401,E402  (registers every component, for --help)
 gc.enable()
 
@@ -305,6 +306,7 @@ def main() -> None:
     the atexit handlers run (logging, multiprocessing), then the process exits directly.
     """
     gc.disable()  # re-enabled by `friendly` once the command line is parsed
+    nmtkit.kernels.bound_primitive_cache()  # before any oneDNN product
     try:
         app()
         code = 0

@@ -69,13 +69,33 @@ def bucket_rows(m: int, down: bool = False) -> int:
     """m rounded up (``down``: down) to one of 8 sizes per octave (exact below 16; at most 12.5 %
     more rows).
 
-    oneDNN builds, and keeps in its cache of up to 1024 primitives, one primitive with its own
-    JIT code and scratchpad (0.7-2 MB) per product shape. Row counts vary from batch to batch
-    (sentence lengths, the loss's last chunk, shrinking beams), so without buckets training held
-    ~500 MB more after 100 steps; with them a run sees a few dozen shapes per weight.
+    oneDNN builds, and keeps in its cache (1024 primitives by default; see
+    ``bound_primitive_cache``), one primitive with its own JIT code (0.7-2 MB) per product shape.
+    Row counts vary from batch to batch (sentence lengths, the loss's last chunk, shrinking beams),
+    so without buckets training held ~500 MB more after 100 steps; with them a run sees a few dozen
+    shapes per weight.
     """
     g = 1 << max(0, m.bit_length() - 4)  # 2^(floor(log2 m) - 3)
     return m // g * g if down else -(-m // g) * g
+
+
+PRIMITIVE_CACHE_CAPACITY = 16
+
+
+def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE_CAPACITY) -> None:
+    """Have oneDNN cache at most ``capacity`` primitives (its default: 1024), unless the user set
+    ONEDNN_PRIMITIVE_CACHE_CAPACITY (or its older name DNNL_...). oneDNN reads the variable when it
+    creates its first primitive: call this before the process's first oneDNN product (the
+    ``nmtkit`` command does, first thing).
+
+    Even with bucketed rows a training run meets a few dozen shapes per weight, and each cached
+    primitive's code sits in the heap among the tensors of the step that created it, pinning pages
+    glibc would otherwise reuse or return. Reference model, 100 training steps, 2 threads (bench/README.md):
+    peak RSS fp32 1431-1541 -> 1248-1307 MiB, bf16 1538-1614 -> 1357-1395 MiB, tokens/s the same
+    within the noise (a cache of 0 costs 7-20 %: the step loop's primitives are rebuilt every step).
+    """
+    if not any(f"{prefix}_PRIMITIVE_CACHE_CAPACITY" in os.environ for prefix in ("ONEDNN", "DNNL")):
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
 
 
 def _pad_rows(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:

@@ -20,6 +20,9 @@ No timing assertions: speed is measured by bench/.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 from pathlib import Path
 
@@ -113,6 +116,49 @@ def test_row_buckets_bound_the_shapes_and_the_padding():
     assert all(kernels.bucket_rows(b) == b for b in buckets)  # a bucket is its own bucket
     below = [kernels.bucket_rows(m, down=True) for m in range(1, 4097)]
     assert all(m / 1.125 <= b <= m and b in buckets for m, b in zip(range(1, 4097), below))
+
+
+_CACHE_PROBE = """
+import sys
+import torch
+from nmtkit import kernels
+if sys.argv[1] == "bound":
+    kernels.bound_primitive_cache(2)
+w = torch.randn(8, 4)
+packed = kernels.pack_weight(w)
+for _ in range(2):
+    for rows in (1, 2, 3):  # three shapes in turn: a cache of 2 has dropped each before it recurs
+        kernels.linear(torch.randn(rows, 4), w, None, packed)
+"""
+
+
+def _onednn_cache_hits(mode: str, user_capacity: str | None) -> int:
+    """Primitives oneDNN found in its cache while running _CACHE_PROBE in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("PRIMITIVE_CACHE_CAPACITY")}
+    env["ONEDNN_VERBOSE"] = "profile_create"  # one line per primitive created or found in the cache
+    if user_capacity is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = user_capacity
+    out = subprocess.run([sys.executable, "-c", _CACHE_PROBE, mode], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return sum("create:cache_hit" in line for line in out.splitlines())
+
+
+@needs_onednn
+def test_primitive_cache_is_bounded_unless_the_user_chose_its_size():
+    assert _onednn_cache_hits("unbound", None) == 3  # oneDNN's own default keeps all three shapes
+    assert _onednn_cache_hits("bound", None) == 0
+    assert _onednn_cache_hits("bound", "1024") == 3  # the user's setting wins
+
+
+def test_the_nmtkit_command_bounds_the_primitive_cache_first():
+    probe = ("import atexit, os, sys\n"
+             "from nmtkit import cli\n"
+             "atexit.register(lambda: print('capacity', os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY')))\n"
+             "sys.argv = ['nmtkit', '--help']\n"
+             "cli.main()\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("PRIMITIVE_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout
+    assert out.splitlines()[-1] == f"capacity {kernels.PRIMITIVE_CACHE_CAPACITY}"
 
 
 @needs_onednn
