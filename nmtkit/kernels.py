@@ -90,9 +90,10 @@ def bound_primitive_cache(capacity: int = PRIMITIVE_CACHE_CAPACITY) -> None:
 
     Even with bucketed rows a training run meets a few dozen shapes per weight, and each cached
     primitive's code sits in the heap among the tensors of the step that created it, pinning pages
-    glibc would otherwise reuse or return. Reference model, 100 training steps, 2 threads (bench/README.md):
-    peak RSS fp32 1431-1541 -> 1248-1307 MiB, bf16 1538-1614 -> 1357-1395 MiB, tokens/s the same
-    within the noise (a cache of 0 costs 7-20 %: the step loop's primitives are rebuilt every step).
+    glibc would otherwise reuse or return. Reference model, 100 training steps, 2 threads
+    (bench/README.md): peak RSS fp32 1431-1541 -> 1248-1307 MiB, bf16 1538-1614 -> 1357-1395 MiB,
+    tokens/s the same within the noise (a cache of 0 costs 7-20 %: the step loop's primitives are
+    rebuilt every step).
     """
     if not any(f"{prefix}_PRIMITIVE_CACHE_CAPACITY" in os.environ for prefix in ("ONEDNN", "DNNL")):
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)

@@ -132,9 +132,14 @@ for _ in range(2):
 """
 
 
+def _env_without_cache_capacity() -> dict[str, str]:
+    """This process's environment less any user setting of oneDNN's primitive cache size."""
+    return {k: v for k, v in os.environ.items() if not k.endswith("PRIMITIVE_CACHE_CAPACITY")}
+
+
 def _onednn_cache_hits(mode: str, user_capacity: str | None) -> int:
     """Primitives oneDNN found in its cache while running _CACHE_PROBE in a fresh process."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("PRIMITIVE_CACHE_CAPACITY")}
+    env = _env_without_cache_capacity()
     env["ONEDNN_VERBOSE"] = "profile_create"  # one line per primitive created or found in the cache
     if user_capacity is not None:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = user_capacity
@@ -156,8 +161,8 @@ def test_the_nmtkit_command_bounds_the_primitive_cache_first():
              "atexit.register(lambda: print('capacity', os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY')))\n"
              "sys.argv = ['nmtkit', '--help']\n"
              "cli.main()\n")
-    env = {k: v for k, v in os.environ.items() if not k.endswith("PRIMITIVE_CACHE_CAPACITY")}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", probe], env=_env_without_cache_capacity(), capture_output=True,
+                         text=True).stdout
     assert out.splitlines()[-1] == f"capacity {kernels.PRIMITIVE_CACHE_CAPACITY}"
 
 
