@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import time
 from typing import Callable
 
@@ -119,7 +118,7 @@ def measure(work: Callable[[], float], unit: str, top: int) -> None:
     print(f"{size:.0f} {unit} in {best:.2f} s (best of 2): {size / best:.0f} {unit}/s")
     print(f"matrix products, re-timed alone: {products:.2f} s = {products / best:.0%} of that time")
     print(f"bound with zero non-product time: {size / products:.0f} {unit}/s ({best / products:.2f}x now)")
-    print(f"\n| time (ms) | calls | ms each | op | argument shapes |\n|---:|---:|---:|---|---|")
+    print("\n| time (ms) | calls | ms each | op | argument shapes |\n|---:|---:|---:|---|---|")
     for total, n, seconds, (op, sig) in sorted(rows, key=lambda r: -r[0])[:top]:
         shapes = ", ".join(_shapes(s) for s in sig)
         print(f"| {total * 1e3:.0f} | {n} | {seconds * 1e3:.3f} | {op} | {shapes} |")
@@ -187,5 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    main()
