@@ -25,12 +25,12 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nmtkit.checkpoint import LoadedModel
 from nmtkit.data import DataDir, collate, token_batches
 from nmtkit.model import build_model
 from nmtkit.train import make_optimizer, prepare_config
-from nmtkit.translate import DecodeOptions, autocast, prepare_for_inference, translate_ids
+from nmtkit.translate import autocast, translate_ids
 from profile_train import reference_config
+from profile_translate import prepared_translation
 
 PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_linear_pointwise", "linear", "linear_dynamic",
             "lstm", "gru", "quantized_lstm", "quantized_gru"}  # whole nn.LSTM/GRU calls: products inside
@@ -150,13 +150,7 @@ def train_work(args) -> Callable[[], float]:
 
 
 def translate_work(args) -> Callable[[], float]:
-    loaded = LoadedModel(args.model)
-    model = prepare_for_inference(loaded.model, args.precision, args.quantize)
-    lines = open(args.src, encoding="utf-8").read().splitlines()[:args.sentences]
-    sources = [loaded.src_tok.encode(line) for line in lines]
-    opts = DecodeOptions(beam=args.beam, batch_size=32, precision=args.precision, quantize=args.quantize,
-                         min_len=args.forced, max_len=args.forced)
-    translate_ids(model, sources[:32], opts)  # warm-up (and the generator's weight packing)
+    model, sources, opts = prepared_translation(args)
     return lambda: float(len(translate_ids(model, sources, opts)))
 
 

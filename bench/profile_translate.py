@@ -14,7 +14,22 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nmtkit.checkpoint import LoadedModel
+from nmtkit.model import Seq2Seq
 from nmtkit.translate import DecodeOptions, prepare_for_inference, translate_ids
+
+
+def prepared_translation(args) -> tuple[Seq2Seq, list[list[int]], DecodeOptions]:
+    """The model of ``args.model`` prepared for inference, the first ``args.sentences`` lines of
+    ``args.src`` as token ids, and the decoding options (batch 32, output forced to ``args.forced``
+    tokens), after one warm-up batch (which also packs the generator's weight)."""
+    loaded = LoadedModel(args.model)
+    model = prepare_for_inference(loaded.model, args.precision, args.quantize)
+    lines = open(args.src, encoding="utf-8").read().splitlines()[:args.sentences]
+    sources = [loaded.src_tok.encode(line) for line in lines]
+    opts = DecodeOptions(beam=args.beam, batch_size=32, precision=args.precision, quantize=args.quantize,
+                         min_len=args.forced, max_len=args.forced)
+    translate_ids(model, sources[:32], opts)
+    return model, sources, opts
 
 
 def main() -> None:
@@ -30,13 +45,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=22)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = LoadedModel(args.model)
-    model = prepare_for_inference(loaded.model, args.precision, args.quantize)
-    lines = open(args.src, encoding="utf-8").read().splitlines()[:args.sentences]
-    sources = [loaded.src_tok.encode(line) for line in lines]
-    opts = DecodeOptions(beam=args.beam, batch_size=32, precision=args.precision, quantize=args.quantize,
-                         min_len=args.forced, max_len=args.forced)
-    translate_ids(model, sources[:32], opts)  # warm-up
+    model, sources, opts = prepared_translation(args)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         translate_ids(model, sources, opts)
