@@ -26,18 +26,30 @@ FORMAT_VERSION = 2  # 2: "vocab" holds one newline-joined string per side (was a
 REQUIRED = ("format_version", "config", "tokenizers", "model")
 
 
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it (in dicts, lists, tuples) on the CPU; CPU tensors are not copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {key: _on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(value) for value in obj)
+    return obj
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically: a crash mid-write leaves the old file intact.
 
-    The data goes to a temporary file in the same directory, is flushed and fsynced, then renamed
-    over ``path`` (and the directory fsynced). Any failure removes the temporary file; an OSError
+    Tensors are written as CPU tensors (a GPU-trained checkpoint loads anywhere, also with plain
+    ``torch.load``). The data goes to a temporary file in the same directory, is flushed and
+    fsynced, then renamed over ``path`` (and the directory fsynced). Any failure removes the temporary file; an OSError
     (disk full, permissions) becomes one NmtkitError naming the file.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            torch.save({"format_version": FORMAT_VERSION, **_on_cpu(payload)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -137,7 +137,8 @@ class StackedRNN(nn.Module):
         """Per-batch callables per layer: LSTM: [x; h] -> gates; GRU: (x -> gates or None, h -> gates)."""
         if self.fused is not None:
             return [_module_call(m) for m in self.fused]
-        dtype = compute_dtype(self.hidden_proj[0].weight.dtype)
+        weight0 = self.hidden_proj[0].weight
+        dtype = compute_dtype(weight0.dtype, weight0.device.type)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         plan = []
         for layer in range(self.layers):
@@ -202,7 +203,7 @@ def per_step(module: nn.Module):
     """A per-batch callable equal to ``module`` for a layer applied at every step: under autograd
     an nn.Linear becomes a SharedLinear (weight cast once, weight gradient deferred)."""
     if isinstance(module, nn.Linear) and torch.is_grad_enabled() and module.weight.requires_grad:
-        dtype = compute_dtype(module.weight.dtype)
+        dtype = compute_dtype(module.weight.dtype, module.weight.device.type)
         bias = None if module.bias is None else module.bias.to(dtype)
         return SharedLinear(module.weight.to(dtype), bias)
     return _module_call(module)

@@ -54,9 +54,10 @@ class RNNEncoder(nn.Module):
         emb = self.dropout(self.embed(src))  # (B, S, E)
         if self.reverse_source:
             emb = reverse_padded(emb, lengths)
-        if type(self.rnn) is nn.LSTM and self.training and torch.is_grad_enabled():
+        if type(self.rnn) is nn.LSTM and self.training and torch.is_grad_enabled() and emb.device.type == "cpu":
             # same function as packed sequences, with a faster backward on CPU (kernels.lstm_sequence);
-            # without gradients nn.LSTM is as fast and holds less memory (translation, bench/README.md)
+            # without gradients nn.LSTM is as fast and holds less memory (translation, bench/README.md);
+            # on a GPU cuDNN's fused LSTM runs the whole sequence in a few kernels
             states, final = lstm_sequence(self.rnn, emb, lengths)
         else:
             packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)

@@ -351,7 +351,7 @@ class _StepLinear(Function):
         x = x.to(weight.dtype).contiguous()
         ctx.save_for_backward(x)
         ctx.weight, ctx.bank = weight, bank
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(weight.device.type, enabled=False):
             y = _mm_t(x, weight)
             if bias is not None:
                 y = y.add_(bias.unsqueeze(-2) if weight.dim() == 3 else bias)
@@ -363,7 +363,7 @@ class _StepLinear(Function):
         gy = gy.to(ctx.weight.dtype).contiguous()
         ctx.bank.add(x, gy)
         dx = _mm_t(gy, ctx.weight.transpose(-1, -2)).to(ctx.in_dtype)  # gy W
-        return dx, None, None, torch.zeros(0, dtype=ctx.weight.dtype), None
+        return dx, None, None, ctx.weight.new_zeros(0), None
 
 
 class SharedLinear:
@@ -574,7 +574,7 @@ def lstm_sequence(rnn: torch.nn.LSTM, x: torch.Tensor, lengths: torch.Tensor
     """
     B, S, _ = x.shape
     D, H, L = (2 if rnn.bidirectional else 1), rnn.hidden_size, rnn.num_layers
-    dtype = compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype, x.device.type)
     lengths = lengths.to(x.device)
     valid = torch.arange(S, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, S)
     first_ragged = int(lengths.min())  # from this step on, some sentences have ended
