@@ -167,6 +167,7 @@ def train(
                                                        "last.pt and best.pt (default: 0)"),
     nproc: int = typer.Option(1, help="training processes on this machine (DDP over loopback; gloo on CPU, "
                                       "NCCL on GPU); under torchrun leave it at 1"),
+    device: str = typer.Option("auto", help="auto (a GPU where CUDA sees one, else the CPU), cpu or cuda"),
     set_: List[str] = typer.Option([], "--set", help="override any value: section.key=value (repeatable)"),
     resume: bool = typer.Option(False, help="continue the run in --save from last.pt (exactly where it stopped)"),
 ) -> None:
@@ -197,7 +198,7 @@ def train(
         apply_overrides(given, set_)
         overrides = {section: {k: getattr(getattr(config, section), k) for k in (given.get(section) or {})}
                      for section in ("model", "train")}
-    summary = run(data, save, config, resume=resume, log=log, nproc=nproc, overrides=overrides)
+    summary = run(data, save, config, resume=resume, log=log, nproc=nproc, overrides=overrides, device=device)
     if summary and summary.get("exit_code"):
         raise typer.Exit(summary["exit_code"])
 

@@ -1,5 +1,5 @@
 """Processes for training: one, or several with ``torch.distributed`` (``torchrun -m nmtkit train``
-or ``nmtkit train --nproc N``), NCCL on GPU and gloo on CPU. ``init_distributed`` joins the process
+or ``nmtkit train --nproc N``), NCCL on GPU and gloo on CPU; ``--device`` picks GPU or CPU. ``init_distributed`` joins the process
 group torchrun describes (or a ``--nproc`` worker's); ``launch`` starts N local workers that meet
 over loopback and brings back rank 0's result or the first worker's error. What the processes
 compute together (DDP, one update per world_size x update_freq batches) is in nmtkit.train.
@@ -41,15 +41,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def default_device(local_rank: int = 0) -> torch.device:
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def default_device(local_rank: int = 0, device: str = "auto") -> torch.device:
+    """Where this process trains: ``device`` 'auto' takes GPU ``local_rank`` where CUDA sees a GPU,
+    else the CPU; 'cpu' the CPU; 'cuda' GPU ``local_rank`` (a UsageError where there is none)."""
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}'; choose one of: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU on this machine")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise UsageError(f"process {local_rank + 1} on this machine but only {torch.cuda.device_count()} "
+                         "GPU(s) (--device cpu trains on the CPU)")
+    return torch.device("cuda", local_rank)
 
 
 def init_distributed(rank: int | None = None, world_size: int | None = None,
-                     store: Any = None) -> DistInfo:
+                     store: Any = None, device: str = "auto") -> DistInfo:
     """Join the process group: from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT) or from an explicit rank/world size/store (``--nproc``). NCCL on GPU, gloo on CPU.
-    A world of one process is no process group at all."""
+    MASTER_ADDR/PORT) or from an explicit rank/world size/store (``--nproc``). NCCL on GPU, gloo on
+    CPU (``default_device``). A world of one process is no process group at all."""
     if rank is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -57,21 +71,18 @@ def init_distributed(rank: int | None = None, world_size: int | None = None,
     else:
         local_rank = rank
     if world_size is None or world_size <= 1:
-        return DistInfo(device=default_device())
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"{world_size} processes on this machine but only {torch.cuda.device_count()} GPU(s)")
-        backend, device = "nccl", torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        backend, device = "gloo", torch.device("cpu")
+        return DistInfo(device=default_device(0, device))
+    where = default_device(local_rank, device)
+    backend = "nccl" if where.type == "cuda" else "gloo"
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend, "rank": rank, "world_size": world_size,
                                   "timeout": timedelta(hours=1)}
         if store is not None:
             kwargs["store"] = store
         dist.init_process_group(**kwargs)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=where)
 
 
 def _loopback_interface() -> str | None:
@@ -82,7 +93,7 @@ def _loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-def _spawned(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tuple, queue) -> None:
+def _spawned(rank: int, nproc: int, port: int, device: str, fn: Callable[..., Any], args: tuple, queue) -> None:
     """One process of a ``--nproc`` job: join the group over loopback, run ``fn(dist_info, *args)``.
     The outcome goes back to the launcher through ``queue``; NmtkitErrors exit without traceback."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc))
@@ -90,7 +101,7 @@ def _spawned(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tup
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     try:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(minutes=5))
-        info = init_distributed(rank, nproc, store)
+        info = init_distributed(rank, nproc, store, device)
         try:
             result = fn(info, *args)
         finally:
@@ -109,9 +120,9 @@ def _spawned(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tup
         raise
 
 
-def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(dist_info, *args)`` in ``nproc`` local processes (torch.multiprocessing, spawn) that
-    meet over loopback only; returns rank 0's result. SIGINT/SIGTERM are passed on to the workers;
+def launch(nproc: int, fn: Callable[..., Any], *args: Any, device: str = "auto") -> Any:
+    """Run ``fn(dist_info, *args)`` in ``nproc`` local processes (torch.multiprocessing, spawn) on
+    ``device`` (``default_device``) that meet over loopback only; returns rank 0's result. SIGINT/SIGTERM are passed on to the workers;
     a worker's NmtkitError comes back as the same one-line error."""
     import logging
 
@@ -120,9 +131,11 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
 
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1 (got {nproc})")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise UsageError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) on this machine")
-    if "GLOO_SOCKET_IFNAME" not in os.environ and not torch.cuda.is_available():
+    on_gpu = default_device(0, device).type == "cuda"
+    if on_gpu and nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) on this machine "
+                         "(--device cpu trains on the CPU)")
+    if "GLOO_SOCKET_IFNAME" not in os.environ and not on_gpu:
         loopback = _loopback_interface()
         if loopback:
             os.environ["GLOO_SOCKET_IFNAME"] = loopback  # one machine: no network needed
@@ -130,7 +143,7 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
                           timeout=timedelta(minutes=5))  # port 0: the OS picks a free one; no race
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    context = mp.start_processes(_spawned, args=(nproc, store.port, fn, args, queue), nprocs=nproc,
+    context = mp.start_processes(_spawned, args=(nproc, store.port, device, fn, args, queue), nprocs=nproc,
                                  join=False, start_method="spawn")
 
     def forward(signum, frame):

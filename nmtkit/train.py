@@ -575,11 +575,12 @@ def _train_worker(info: DistInfo, data_dir, save_dir, config_dict, resume, overr
 
 def train(data_dir: str | Path, save_dir: str | Path, config: Config, resume: bool = False,
           log: Callable[[str], None] | None = None, nproc: int = 1,
-          overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+          overrides: dict[str, dict[str, Any]] | None = None, device: str = "auto") -> dict[str, Any]:
     """Train a model on a preprocessed data directory; checkpoints go to ``save_dir``.
 
     ``nproc`` > 1 starts that many local processes (DDP); under torchrun the process group comes
-    from the environment. With ``resume``, the config is the checkpoint's, with ``overrides``
+    from the environment. ``device``: auto (a GPU where CUDA sees one), cpu or cuda; it is not part
+    of the run's config, so a run may be resumed on another device. With ``resume``, the config is the checkpoint's, with ``overrides``
     ({section: {key: value}}, the values given explicitly) applied where that is allowed.
     """
     try:
@@ -590,8 +591,8 @@ def train(data_dir: str | Path, save_dir: str | Path, config: Config, resume: bo
                 raise UsageError(f"--nproc must be at least 1 (got {nproc})")
             _, resolved, _ = check_run(data_dir, save_dir, config, resume, overrides)  # fail fast, once
             return launch(nproc, _train_worker, str(data_dir), str(save_dir), resolved.to_dict(), resume,
-                          overrides)
-        info = init_distributed()
+                          overrides, device=device)
+        info = init_distributed(device=device)
         try:
             return Trainer(data_dir, save_dir, config, resume, log, overrides, info).run()
         finally:

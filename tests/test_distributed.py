@@ -1,6 +1,7 @@
 """Distributed training on CPU with gloo: two processes stay identical to each other and equal
 one process with --update-freq 2 (same batches per update, loss normalised by all their tokens,
-dropout seeded by batch position), through the library, `nmtkit train --nproc 2` and torchrun."""
+dropout seeded by batch position), through the library, `nmtkit train --nproc 2` and torchrun.
+Everything here runs on the CPU (--device cpu), also where there is a GPU."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from nmtkit.train import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 STEPS = 6  # 9 batches an epoch, 2 per update: crosses the epoch end, whose last group has 1 batch
-FLAGS = ["--layers", "1", "--hidden-size", "32", "--embed-size", "16", "--dropout", "0.3",
+FLAGS = ["--device", "cpu", "--layers", "1", "--hidden-size", "32", "--embed-size", "16", "--dropout", "0.3",
          "--batch-tokens", "1500", "--lr", "0.01", "--max-steps", str(STEPS), "--no-valid-bleu"]
 
 
@@ -45,7 +46,7 @@ def reference(reverse_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("single") / "run"
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    train(reverse_data, save, dist_config(update_freq=2), log=lambda m: None)
+    train(reverse_data, save, dist_config(update_freq=2), log=lambda m: None, device="cpu")
     torch.set_num_threads(before)
     return load_checkpoint(save / "last.pt")
 
@@ -61,7 +62,8 @@ def assert_close(a: dict, b: dict, exact: bool = False) -> None:
 
 def test_two_gloo_processes_equal_each_other_and_update_freq_2(reverse_data, reference, tmp_path):
     config = dist_config().to_dict()
-    assert launch(2, _rank_worker, str(reverse_data), str(tmp_path / "run"), str(tmp_path), config) == 0
+    assert launch(2, _rank_worker, str(reverse_data), str(tmp_path / "run"), str(tmp_path), config,
+                  device="cpu") == 0
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert_close(rank0, rank1, exact=True)
@@ -103,3 +105,20 @@ def test_nproc_misuse_is_a_usage_error(reverse_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="do not combine it with torchrun"):
         train(reverse_data, tmp_path / "run", dist_config(), nproc=2)
+
+
+def test_device_choice(reverse_data, tmp_path):
+    from nmtkit.distributed import default_device
+    from nmtkit.errors import UsageError
+
+    assert default_device(0, "cpu").type == "cpu"
+    assert default_device(0, "auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError, match="unknown device 'tpu'; choose one of: auto, cpu, cuda"):
+        train(reverse_data, tmp_path / "run", dist_config(), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--device cuda: torch sees no CUDA GPU"):
+            train(reverse_data, tmp_path / "run", dist_config(), device="cuda")
+        result = run_cli("train", str(reverse_data), "--save", str(tmp_path / "cli"), *FLAGS[2:], "--device",
+                         "cuda", check=False)
+        assert result.returncode == 2 and result.stderr.strip().endswith("torch sees no CUDA GPU on this machine")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
