@@ -42,8 +42,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
     Tensors are written as CPU tensors (a GPU-trained checkpoint loads anywhere, also with plain
     ``torch.load``). The data goes to a temporary file in the same directory, is flushed and
-    fsynced, then renamed over ``path`` (and the directory fsynced). Any failure removes the temporary file; an OSError
-    (disk full, permissions) becomes one NmtkitError naming the file.
+    fsynced, then renamed over ``path`` (and the directory fsynced). Any failure removes the
+    temporary file; an OSError (disk full, permissions) becomes one NmtkitError naming the file.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -1,7 +1,8 @@
 """Processes for training: one, or several with ``torch.distributed`` (``torchrun -m nmtkit train``
-or ``nmtkit train --nproc N``), NCCL on GPU and gloo on CPU; ``--device`` picks GPU or CPU. ``init_distributed`` joins the process
-group torchrun describes (or a ``--nproc`` worker's); ``launch`` starts N local workers that meet
-over loopback and brings back rank 0's result or the first worker's error. What the processes
+or ``nmtkit train --nproc N``), NCCL on GPU and gloo on CPU (``--device`` chooses, ``default_device``).
+``init_distributed`` joins the process group torchrun describes (or a ``--nproc`` worker's);
+``launch`` starts N local workers that meet over loopback and brings back rank 0's result or the
+first worker's error. What the processes
 compute together (DDP, one update per world_size x update_freq batches) is in nmtkit.train.
 """
 
@@ -122,8 +123,9 @@ def _spawned(rank: int, nproc: int, port: int, device: str, fn: Callable[..., An
 
 def launch(nproc: int, fn: Callable[..., Any], *args: Any, device: str = "auto") -> Any:
     """Run ``fn(dist_info, *args)`` in ``nproc`` local processes (torch.multiprocessing, spawn) on
-    ``device`` (``default_device``) that meet over loopback only; returns rank 0's result. SIGINT/SIGTERM are passed on to the workers;
-    a worker's NmtkitError comes back as the same one-line error."""
+    ``device`` (``default_device``) that meet over loopback only; returns rank 0's result.
+    SIGINT/SIGTERM are passed on to the workers; a worker's NmtkitError comes back as the same
+    one-line error."""
     import logging
 
     import torch.multiprocessing as mp

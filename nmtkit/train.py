@@ -575,13 +575,15 @@ def _train_worker(info: DistInfo, data_dir, save_dir, config_dict, resume, overr
 
 def train(data_dir: str | Path, save_dir: str | Path, config: Config, resume: bool = False,
           log: Callable[[str], None] | None = None, nproc: int = 1,
-          overrides: dict[str, dict[str, Any]] | None = None, device: str = "auto") -> dict[str, Any]:
+          overrides: dict[str, dict[str, Any]] | None = None,
+          device: str = "auto") -> dict[str, Any]:
     """Train a model on a preprocessed data directory; checkpoints go to ``save_dir``.
 
     ``nproc`` > 1 starts that many local processes (DDP); under torchrun the process group comes
     from the environment. ``device``: auto (a GPU where CUDA sees one), cpu or cuda; it is not part
-    of the run's config, so a run may be resumed on another device. With ``resume``, the config is the checkpoint's, with ``overrides``
-    ({section: {key: value}}, the values given explicitly) applied where that is allowed.
+    of the run's config, so a run may be resumed on another device. With ``resume``, the config is
+    the checkpoint's, with ``overrides`` ({section: {key: value}}, the values given explicitly)
+    applied where that is allowed.
     """
     try:
         if nproc != 1:
