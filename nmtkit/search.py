@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from nmtkit.kernels import topk_rows
 from nmtkit.model import Seq2Seq
 from nmtkit.tokenizer import BOS, EOS, PAD
 
@@ -99,7 +100,7 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_le
         # The 2K best of the K·V candidates score + log p come from the 2K best tokens of each
         # beam: a per-row top-2K, then the top 2K of N·K·2K sums (not a sum over all K·V).
         per = min(2 * K, logp.size(1))  # a beam's best tokens (all of them when V < 2K)
-        best, best_tok = logp.topk(per, dim=1)  # (N*K, per)
+        best, best_tok = topk_rows(logp, per)  # (N*K, per): logp.topk(per, dim=1)
         cand = (scores.view(N * K, 1) + best).view(N, K * per)
         top_scores, top_pos = cand.topk(min(2 * K, K * per), dim=1)  # (N, 2K)
         top_beam = top_pos // per

@@ -10,7 +10,8 @@
 - every decoder's gradients with deferred weight gradients and oneDNN matmuls == plain autograd
   with torch's own matmuls;
 - the fused token NLL == F.cross_entropy (with and without label smoothing), values and gradients;
-- greedy and beam search == the straightforward reference implementations below;
+- greedy and beam search == the straightforward reference implementations below; kernels.topk_rows
+  (beam search's per-row top-k) == torch.topk;
 - bf16 and int8 translation give the fp32 tokens on a trained toy model (tolerance documented);
 - bf16 training really runs its matmuls in bf16, on row counts bucketed like the fp32 oneDNN path.
 
@@ -559,6 +560,42 @@ def _batch(sources):
     for i, s in enumerate(sources):
         src[i, :len(s)] = torch.tensor(s)
     return src, lengths
+
+
+@pytest.mark.parametrize("V,k", [(10000, 10), (10000, 1), (8192, 10), (10007, 6), (700, 10)])
+def test_topk_rows_equals_torch_topk(V, k):
+    """Distinct values: the same values and indices as torch.topk, whether the row splits into whole
+    blocks or leaves a tail (V = 700 is too short for blocks and goes to torch.topk)."""
+    x = torch.randn(24, V, generator=torch.Generator().manual_seed(V)).log_softmax(1)
+    x[:, EOS] = -math.inf  # as min_len does
+    x[3, 5000 % V] = 50.0  # a row whose best value sits alone in one block
+    values, index = kernels.topk_rows(x, k)
+    want_values, want_index = x.topk(k, dim=1)
+    assert torch.equal(values, want_values) and torch.equal(index, want_index)
+
+
+def test_topk_rows_with_ties_returns_the_k_largest_values():
+    """Many equal values (0..3 only): the values equal torch.topk's, and every index points at a
+    distinct entry holding its value."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (16, 5000), generator=gen).float()
+    x[0] = 1.0  # a row of one value
+    values, index = kernels.topk_rows(x, 10)
+    assert torch.equal(values, x.topk(10, dim=1).values)
+    assert torch.equal(x.gather(1, index), values)
+    assert all(len(set(row)) == 10 for row in index.tolist())
+
+
+@torch.no_grad()
+def test_beam_over_a_large_vocabulary_equals_reference():
+    """A vocabulary large enough for topk_rows' blocks (untrained model: flat, distinct log-probs)."""
+    cfg = ModelConfig(layers=1, hidden_size=16, embed_size=8, dropout=0.0, src_vocab_size=20,
+                      tgt_vocab_size=3000)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    src, lengths, _ = toy_batch()
+    limits = max_lengths(lengths, 1.0)
+    assert beam_search(model, src, lengths, limits, 5, 1.0) == reference_beam(model, src, lengths, limits, 5)
 
 
 @pytest.mark.parametrize("min_len", [0, 9])
