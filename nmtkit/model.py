@@ -12,7 +12,7 @@ import nmtkit.encoders  # noqa: F401  (registers encoders)
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import Linear, bucket_rows, compute_dtype, linear, rows_product, wide
+from nmtkit.kernels import Linear, argmax_logits, bucket_rows, compute_dtype, linear, rows_product, wide
 from nmtkit.registry import BRIDGES, DECODERS, ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -109,13 +109,21 @@ class Seq2Seq(nn.Module):
             return generator_loss(outputs, self.generator, tgt_out, label_smoothing)
         return self.generator(outputs), attn
 
-    def step(self, state: DecoderState, y_prev: torch.Tensor, t: int, log_probs: bool = True
+    def step(self, state: DecoderState, y_prev: torch.Tensor, t: int
              ) -> tuple[torch.Tensor, torch.Tensor | None, DecoderState]:
-        """One search step: y_prev (B,) at 1-based step t -> log p (B, V) fp32 (or the logits,
-        when ``log_probs`` is False: greedy search needs only their argmax), weights (B, S)."""
+        """One search step: y_prev (B,) at 1-based step t -> log p (B, V) fp32, weights (B, S)."""
         out, weights, state = self.decoder.step_tokens(state, y_prev, t)
-        logits = self.generator(out).float()
-        return (F.log_softmax(logits, dim=-1) if log_probs else logits), weights, state
+        return F.log_softmax(self.generator(out).float(), dim=-1), weights, state
+
+    def greedy_step(self, state: DecoderState, y_prev: torch.Tensor, t: int, banned: int | None = None
+                    ) -> tuple[torch.Tensor, DecoderState]:
+        """One greedy step: y_prev (B,) -> the most probable next tokens (B,) (never ``banned``),
+        the new state. The argmax of the logits, the same as of log p: no log-softmax needed, and
+        the fp32 generator answers through its bf16 screen (``kernels.ArgmaxScreen``)."""
+        out, _, state = self.decoder.step_tokens(state, y_prev, t)
+        if isinstance(self.generator, Linear):
+            return self.generator.argmax(out, banned), state
+        return argmax_logits(self.generator(out).float(), banned), state  # int8: a quantized module
 
 
 def build_model(cfg: ModelConfig) -> Seq2Seq:

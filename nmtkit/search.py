@@ -28,7 +28,7 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_
     """src (B, S), lengths (B,), max_lens (B,) -> one token list per sentence (no EOS).
 
     ``min_len`` forbids EOS before that many tokens (benchmarks force equal output lengths).
-    The argmax is taken over the logits (the same as over log p, without the log-softmax).
+    The argmax is taken over the logits (``Seq2Seq.greedy_step``).
     """
     B = src.size(0)
     state = model.encode(src, lengths)
@@ -39,10 +39,7 @@ def greedy_search(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor, max_
     y = torch.full((B,), BOS, dtype=torch.long, device=src.device)
     limits = max_lens.clone()
     for t in range(1, steps + 1):
-        logits, _, state = model.step(state, y, t, log_probs=False)  # (N, V)
-        if t <= min_len:
-            logits[:, EOS] = -math.inf
-        y = logits.argmax(dim=-1)  # (N,)
+        y, state = model.greedy_step(state, y, t, banned=EOS if t <= min_len else None)  # (N,)
         y_cpu = y.cpu()
         tokens.append(y_cpu)
         rows.append(alive)

@@ -586,6 +586,81 @@ def test_topk_rows_with_ties_returns_the_k_largest_values():
     assert all(len(set(row)) == 10 for row in index.tolist())
 
 
+needs_screen = pytest.mark.skipif(not kernels.ArgmaxScreen.applies(torch.ones(2, 2)),
+                                  reason="no oneDNN linear or no native bf16 products on this CPU")
+
+
+def _screen_case(V: int, N: int = 40, K: int = 96, seed: int = 0):
+    """A weight, bias and inputs whose logits hold near-ties bf16 cannot resolve: in each row two
+    columns apart by ~1e-3 (fp32 resolves that; the screen's bf16 error is ~1e-1) and, for a few
+    rows, duplicated weight rows (exactly equal logits: the first must win)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, K, generator=gen) * 0.2
+    bias = torch.randn(V, generator=gen) * 0.5
+    x = torch.tanh(torch.randn(N, K, generator=gen) * 2)
+    z = (x.double() @ weight.double().t() + bias.double())  # (N, V)
+    for r in range(N):  # the row's best column gets a rival 1e-3 below or above it
+        best, rival = int(z[r].argmax()), (7 * r + 3) % V
+        if rival != best:
+            x_r = x[r].double()
+            shift = (z[r, best] - z[r, rival] + (1e-3 if r % 2 else -1e-3)) / x_r.dot(x_r)
+            weight[rival] += (shift * x_r).float()  # changes column ``rival`` only
+    weight[V - 1] = weight[5]  # duplicates: equal logits, the first (5) must win
+    bias[V - 1] = bias[5]
+    return weight, bias, x
+
+
+@needs_screen
+@pytest.mark.parametrize("V", [10000, 1000, 70, 30])
+def test_argmax_screen_equals_the_fp32_argmax(V):
+    """The bf16 screen gives what argmax over fp32 logits gives (first of equal ones), for
+    vocabularies in whole 64-column blocks or not, below one block, with a banned column, with
+    near-ties 1e-3 apart and with exact ties."""
+    weight, bias, x = _screen_case(V)
+    screen = kernels.ArgmaxScreen(weight, bias)
+    logits = x @ weight.t() + bias  # (N, V) fp32
+    assert torch.equal(screen(x), logits.argmax(1))
+    for banned in (EOS, int(logits[0].argmax())):
+        assert torch.equal(screen(x, banned), kernels.argmax_logits(logits.clone(), banned))
+    x[1:5] = weight[5] / weight[5].norm() * 3  # rows that pick weight row 5 or its duplicate V-1
+    logits = x @ weight.t() + bias
+    got = screen(x)
+    assert torch.equal(got, logits.argmax(1)) and (got[1:5] == 5).all()
+
+
+@needs_screen
+def test_argmax_screen_bound_holds():
+    """The screen's per-row bound E_r = rel·||x_r||·max_v||W_v|| + abs covers the error of its bf16
+    logits against exact (fp64) ones, entry by entry, on weights far from uniform."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(3000, 256, generator=gen) * torch.rand(3000, 1, generator=gen) * 2
+    bias = torch.randn(3000, generator=gen) * 3
+    x = torch.randn(50, 256, generator=gen) * torch.rand(50, 1, generator=gen) * 4
+    screen = kernels.ArgmaxScreen(weight, bias)
+    approx = torch.add(bias, F.linear(x.bfloat16(), weight.bfloat16()))  # what the screen compares
+    exact = x.double() @ weight.double().t() + bias.double()
+    bound = screen.rel * screen.row_norm * x.double().norm(dim=1, keepdim=True) + screen.abs
+    err = (approx.double() - exact).abs()
+    assert (err <= bound).all()
+    assert (err.amax(1, keepdim=True) > bound / 50).all()  # and it is not vacuous
+
+
+@needs_screen
+def test_argmax_screen_gives_up_on_rows_it_cannot_bound():
+    weight, bias, x = _screen_case(500)
+    x[3, 0] = math.nan
+    assert kernels.ArgmaxScreen(weight, bias)(x) is None
+    layer = Linear(96, 500).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    layer.pack()
+    for _ in range(Linear.PACK_AFTER + 1):  # screened from the PACK_AFTER-th call; NaN rows plainly
+        got = layer.argmax(x)
+    assert layer._screen is not None and layer._packed is None  # argmax never packs the fp32 copy
+    assert torch.equal(got, (x @ weight.t() + bias).argmax(1))
+
+
 @torch.no_grad()
 def test_beam_over_a_large_vocabulary_equals_reference():
     """A vocabulary large enough for topk_rows' blocks (untrained model: flat, distinct log-probs)."""
@@ -618,14 +693,20 @@ def test_forced_length_gives_exactly_that_many_tokens(toy_model):
 
 
 @needs_onednn
-def test_packed_fp32_translation_gives_plain_tokens(toy_model):
-    """fp32 translation with oneDNN-packed weights == torch's own matmuls (fp32 both: only
-    summation order differs, no token of the toy task flips)."""
+@pytest.mark.parametrize("beam", [4, 1])
+def test_packed_fp32_translation_gives_plain_tokens(toy_model, beam):
+    """fp32 translation with oneDNN-packed weights (greedy: through the generator's bf16 argmax
+    screen) == torch's own matmuls (fp32 both: only summation order differs, no token of the toy
+    task flips)."""
     path, sources = toy_model
-    opts = DecodeOptions(beam=4, batch_size=32)
+    opts = DecodeOptions(beam=beam, batch_size=32, min_len=3 if beam == 1 else 0)
     model = prepare_for_inference(LoadedModel(path).model)
     got = translate_ids(model, sources, opts)
-    assert model.generator._packed is not None and isinstance(model.decoder.rnn.fused[0], kernels.PackedLinear)
+    assert isinstance(model.decoder.rnn.fused[0], kernels.PackedLinear)
+    if beam > 1:
+        assert model.generator._packed is not None
+    elif kernels.ArgmaxScreen.applies(model.generator.weight):
+        assert model.generator._screen is not None and model.generator._packed is None
     with plain_matmuls():
         want = translate_ids(prepare_for_inference(LoadedModel(path).model), sources, opts)
     assert got == want
