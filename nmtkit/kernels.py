@@ -215,75 +215,100 @@ def _madvise():
         return None
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's memory mappings of files (/proc/self/maps; empty
+    where there is none)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:  # "start-end perms offset dev inode path"
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            start, end = fields[0].split("-")
+            spans.append((int(start, 16), int(end, 16)))
+    return spans
+
+
 def page_out(*tensors: torch.Tensor | None) -> None:
-    """Ask the kernel to reclaim the memory pages of these CPU tensors' storages (madvise
-    MADV_PAGEOUT): for weights read from a memory-mapped checkpoint that translation has replaced
-    by derived copies (oneDNN-packed, fused, int8), so that both are not resident. Clean file pages
-    are dropped and read again from the file if ever touched; other pages stay as they are (no swap)
-    or go to swap. Contents never change, so this costs at most time. A no-op where unsupported.
+    """Ask the kernel to reclaim the memory pages of these CPU tensors that are backed by a file
+    (madvise MADV_PAGEOUT), i.e. weights read from a memory-mapped checkpoint: those translation
+    has replaced by derived copies (oneDNN-packed, fused, int8, bf16), and the embedding rows a batch
+    has read. Clean file pages are dropped and read again from the file if ever touched; contents
+    never change, so this costs at most time. Memory not backed by a file (a model built or
+    converted in this process) is left alone: without swap it could not go anywhere, and with swap
+    it would be written out and read back. A no-op where unsupported.
     """
     madvise, page = _madvise(), resource.getpagesize()
-    if madvise is None:
+    tensors = [t for t in tensors if t is not None and t.device.type == "cpu"]
+    if madvise is None or not tensors:
         return
+    files = _file_mappings()
     for t in tensors:
-        if t is None or t.device.type != "cpu":
-            continue
-        storage = t.untyped_storage()
-        start = -(-storage.data_ptr() // page) * page  # whole pages inside the storage only
-        end = (storage.data_ptr() + storage.nbytes()) // page * page
-        if end > start:
-            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+        if t.is_contiguous():  # the tensor's own bytes (a slice of rows: those rows only)
+            first, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        else:
+            first, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        start = -(-first // page) * page  # whole pages inside only
+        end = (first + nbytes) // page * page
+        for lo, hi in files:
+            lo, hi = max(lo, start), min(hi, end)
+            if hi > lo:
+                madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)
 
 
 class Linear(nn.Linear):
     """nn.Linear whose product goes through ``linear`` (same parameters, same state dict).
 
-    ``pack()`` (translation, after the weights are final) asks for a oneDNN-blocked copy of the
-    weight for gradient-free calls, made at the PACK_AFTER-th call (reordering the 10k x 512
-    generator costs ~5 ms: a one-sentence translation would not earn it back) and dropped again as
-    soon as the weight changes.
+    ``pack()`` (translation, after the weights are final) asks for derived copies of the weight,
+    each made at its first use and dropped for good as soon as the weight changes: for ``forward``
+    the weight in oneDNN's blocked layout, for ``argmax`` an ``ArgmaxScreen`` (greedy search never
+    makes the fp32 copy, beam search never the screen). The fp32 original, read from the memory-
+    mapped checkpoint, is then paged out. Made at the first call, i.e. the first decoder step, when
+    the search holds least (made at the 16th call, reading the whole fp32 weight beside its copy put
+    ~20 MB on top of the search's working set: fp32 beam 5 peak RSS 387 -> 377 MiB,
+    bench/README.md). The 10k x 512 generator's reorder costs ~5 ms, once.
     """
 
-    PACK_AFTER = 16
     _packed: torch.Tensor | None = None
     _packed_version: int = -1
-    _calls_to_pack: int = -1  # -1: packing not wanted
+    _pack_wanted: bool = False
     _screen: ArgmaxScreen | None = None
     _screen_version: int = -1
-    _calls_to_screen: int = -1  # -1: no screen wanted
+    _screen_wanted: bool = False
 
     def pack(self) -> None:
-        """Translation: pack the weight for ``forward`` and build the bf16 screen for ``argmax``,
-        each at its own PACK_AFTER-th call (greedy search never needs the packed fp32 copy)."""
-        self._calls_to_pack = self._calls_to_screen = self.PACK_AFTER
+        self._pack_wanted = self._screen_wanted = True
 
     def argmax(self, x: torch.Tensor, banned: int | None = None) -> torch.Tensor:
         """x (N, in) -> argmax over columns of the fp32 logits x Wᵀ + b (N,), column ``banned``
         never chosen (min_len forbids EOS); through an ``ArgmaxScreen`` once ``pack()`` asked for it."""
-        if self._calls_to_screen > 0:
-            self._calls_to_screen -= 1
-            if self._calls_to_screen == 0 and ArgmaxScreen.applies(self.weight):
+        if self._screen_wanted:
+            self._screen_wanted = False
+            if ArgmaxScreen.applies(self.weight):
                 self._screen, self._screen_version = ArgmaxScreen(self.weight, self.bias), self.weight._version
                 page_out(self.weight)  # the screen re-reads only the few candidate rows
-        screen = self._screen
-        if screen is not None and (self.weight._version != self._screen_version or self.weight.requires_grad):
-            screen = self._screen = None
+        screen = self._screen = self._current(self._screen, self._screen_version)
         tokens = screen(x, banned) if screen is not None else None
         if tokens is None:  # no screen, or a row it cannot bound (inf / NaN logits)
             tokens = argmax_logits(linear(x, self.weight, self.bias).float(), banned)
         return tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._calls_to_pack > 0:
-            self._calls_to_pack -= 1
-            if self._calls_to_pack == 0:
-                self._packed, self._packed_version = pack_weight(self.weight), self.weight._version
-                if self._packed is not None:
-                    page_out(self.weight)  # read from the checkpoint file: no longer needed in memory
-        packed = self._packed
-        if packed is not None and (self.weight._version != self._packed_version or self.weight.requires_grad):
-            packed = self._packed = None
+        if self._pack_wanted:
+            self._pack_wanted = False
+            self._packed, self._packed_version = pack_weight(self.weight), self.weight._version
+            if self._packed is not None:
+                page_out(self.weight)  # read from the checkpoint file: no longer needed in memory
+        packed = self._packed = self._current(self._packed, self._packed_version)
         return linear(x, self.weight, self.bias, packed)
+
+    def _current(self, copy, version: int):
+        """``copy`` while the weight is the one it was made from (and needs no gradient), else None."""
+        w = self.weight
+        return copy if copy is not None and w._version == version and not w.requires_grad else None
 
 
 class PackedLinear(nn.Module):
@@ -335,10 +360,16 @@ class ArgmaxScreen:
         bias = weight.new_zeros(V) if bias is None else bias.detach()
         pad = -V % SCREEN_BLOCK
         self.weight, self.bias = weight, bias  # (V, K), (V,) fp32: the candidates' exact logits
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(
-            torch.cat([weight, weight.new_zeros(pad, K)]).to(torch.bfloat16))  # (V + pad, K) blocked
+        padded = weight.new_zeros(V + pad, K, dtype=torch.bfloat16)  # one bf16 temporary
+        self.row_norm = 0.0
+        for start in range(0, V, 1024):  # never all fp32 rows resident at once (mapped checkpoint)
+            rows = weight[start:start + 1024]  # (≤ 1024, K)
+            padded[start:start + len(rows)] = rows
+            self.row_norm = max(self.row_norm, float(rows.norm(dim=1).max()))
+            page_out(rows)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(padded)  # (V + pad, K) blocked
+        del padded
         self.padded_bias = torch.cat([bias, bias.new_full((pad,), -math.inf)])  # (V + pad,)
-        self.row_norm = float(weight.norm(dim=1).max())
         u, u32 = _U_BF16, _U_FP32
         gamma = (K + 1) * u32 / (1 - (K + 1) * u32)
         self.rel = 1.01 * ((2 * u + u * u) + (1 + u) ** 2 * (gamma + (u + u32 * (1 + u)) * (1 + gamma)) + gamma)

@@ -173,9 +173,8 @@ def test_packed_linear_is_dropped_when_the_weight_changes():
     layer = Linear(5, 7).requires_grad_(False)
     x = torch.randn(4, 5)
     layer.pack()
-    for _ in range(Linear.PACK_AFTER):  # packed lazily, once it is used enough to pay for it
-        assert layer._packed is None
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is None  # packed lazily, at the first call
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer._packed is not None
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     with torch.no_grad():
@@ -214,6 +213,24 @@ def test_page_out_drops_mapped_weights_and_keeps_their_values(tmp_path):
     anon = torch.arange(1000.0)
     kernels.page_out(anon)  # memory not backed by a file: unchanged
     assert torch.equal(anon, torch.arange(1000.0))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_page_out_advises_only_file_backed_pages(tmp_path, monkeypatch):
+    """Only pages of a file mapping are advised (anonymous memory would go to swap and come back),
+    and of a slice of rows only those rows' whole pages."""
+    calls = []
+    monkeypatch.setattr(kernels, "_madvise", lambda: lambda addr, size, advice: calls.append((addr.value, size.value)))
+    kernels.page_out(torch.arange(1_000_000.0), torch.zeros(3, 4, dtype=torch.bfloat16))
+    assert calls == []
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1000, 4096)}, path)
+    w = torch.load(path, mmap=True, weights_only=True)["w"]  # 16 KiB rows
+    kernels.page_out(w[10:20])
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = w[10].data_ptr(), w[20].data_ptr()
+    assert calls and all(first <= a and a + n <= last and a % page == 0 for a, n in calls)
+    assert sum(n for _, n in calls) >= last - first - 2 * page
 
 
 def test_tanh_is_torch_tanh():
@@ -655,8 +672,7 @@ def test_argmax_screen_gives_up_on_rows_it_cannot_bound():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     layer.pack()
-    for _ in range(Linear.PACK_AFTER + 1):  # screened from the PACK_AFTER-th call; NaN rows plainly
-        got = layer.argmax(x)
+    got = layer.argmax(x)  # screened from the first call; the NaN row plainly
     assert layer._screen is not None and layer._packed is None  # argmax never packs the fp32 copy
     assert torch.equal(got, (x @ weight.t() + bias).argmax(1))
 
