@@ -58,10 +58,16 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return contextlib.nullcontext()
 
 
+def _rows_to_bf16(module: torch.nn.Module, inputs: tuple, rows: torch.Tensor) -> torch.Tensor:
+    """Forward hook: embedding rows looked up in an fp32 table, as a bf16 table would give them."""
+    return rows.to(torch.bfloat16)
+
+
 def prepare_for_inference(model: Seq2Seq, precision: str = "fp32", quantize: str = "none") -> Seq2Seq:
     """Make ``model`` ready for fast CPU decoding, in place (it can no longer be trained):
     eval mode, no gradients, the decoder RNN's per-layer matmuls fused into one nn.Linear each;
-    ``precision='bf16'``: weights stored in bf16 (half the memory; run under ``autocast``);
+    ``precision='bf16'``: weights stored in bf16 (half the memory; run under ``autocast``), except
+    the embedding tables, whose rows are read from the mapped checkpoint and converted per lookup;
     ``quantize='int8'``: torch.ao dynamic int8 quantization of every nn.Linear and the encoder's
     nn.LSTM/GRU (weights int8, activations quantized per batch; fbgemm VNNI kernels on x86).
     Preparing again with the same settings is a no-op; other settings raise UsageError.
@@ -76,10 +82,14 @@ def prepare_for_inference(model: Seq2Seq, precision: str = "fp32", quantize: str
     model.requires_grad_(False)
     model.decoder.rnn.fuse_for_inference(pack=precision == "fp32" and quantize == "none")
     if precision == "bf16":
+        tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.is_floating_point():  # one at a time, so the fp32 pages never all stay resident
-                fp32, tensor.data = tensor.data, tensor.data.to(torch.bfloat16)
-                page_out(fp32)  # read from the checkpoint file
+            if tensor.is_floating_point() and not any(tensor is t for t in tables):
+                fp32, tensor.data = tensor.data, tensor.data.to(torch.bfloat16)  # one at a time, so
+                page_out(fp32)  # the fp32 originals (read from the checkpoint file) never all stay resident
+        for module in model.modules():  # tables stay fp32 in the mapped file, their rows paged out
+            if isinstance(module, torch.nn.Embedding):  # after each batch; looked-up rows become bf16
+                module.register_forward_hook(_rows_to_bf16)
     if quantize == "int8":
         import warnings
 

@@ -730,16 +730,25 @@ def test_packed_fp32_translation_gives_plain_tokens(toy_model, beam):
 
 def test_bf16_preparation_converts_every_weight_as_module_to_does(toy_model):
     """prepare_for_inference converts to bf16 one tensor at a time (paging out each fp32 original):
-    the same weights as ``model.to(torch.bfloat16)``, and the encoder's nn.LSTM runs with them."""
+    the same weights as ``model.to(torch.bfloat16)`` but the embedding tables, which stay fp32 and
+    give the bf16 table's rows; the encoder's nn.LSTM runs with them."""
     path, sources = toy_model
     model = prepare_for_inference(LoadedModel(path).model, "bf16")
+    plain = LoadedModel(path).model.eval()
     want = LoadedModel(path).model.eval()
     want.decoder.rnn.fuse_for_inference()
     want.to(torch.bfloat16)
     got_tensors, want_tensors = dict(model.state_dict()), dict(want.state_dict())
     assert got_tensors.keys() == want_tensors.keys()
     for name, tensor in got_tensors.items():
-        assert tensor.dtype == want_tensors[name].dtype and torch.equal(tensor, want_tensors[name]), name
+        if name.endswith("embed.weight"):
+            assert tensor.dtype == torch.float32 and torch.equal(tensor, plain.state_dict()[name]), name
+        else:
+            assert tensor.dtype == want_tensors[name].dtype and torch.equal(tensor, want_tensors[name]), name
+    ids = torch.tensor([[4, 5, 6]])
+    for got_embed, want_embed in ((model.encoder.embed, want.encoder.embed), (model.decoder.embed, want.decoder.embed)):
+        rows = got_embed(ids)
+        assert rows.dtype == torch.bfloat16 and torch.equal(rows, want_embed(ids))
     for got_fused, want_fused in zip(model.decoder.rnn.fused, want.decoder.rnn.fused):
         assert got_fused.weight.dtype == torch.bfloat16 and torch.equal(got_fused.weight, want_fused.weight)
     src, lengths = _batch(sources[:8])
