@@ -18,7 +18,7 @@ import torch
 from nmtkit.checkpoint import LoadedModel
 from nmtkit.data import pad
 from nmtkit.errors import UsageError
-from nmtkit.kernels import Linear, page_out
+from nmtkit.kernels import Linear, let_go, page_out
 from nmtkit.model import Seq2Seq
 from nmtkit.search import beam_search, greedy_search, max_lengths
 
@@ -132,9 +132,9 @@ def translate_ids(model: Seq2Seq, sources: list[list[int]], opts: DecodeOptions)
                 outs = beam_search(model, src, lengths, limits, opts.beam, opts.length_penalty, opts.min_len)
         for i, out in zip(rows, outs):
             results[i] = out
-        # the embedding rows this batch read from a memory-mapped checkpoint: the next batch reads
-        # its own (otherwise resident memory grows with the vocabulary seen, ~20 MB per table)
-        page_out(model.encoder.embed.weight, model.decoder.embed.weight)
+        if getattr(model, "_inference", None):  # prepared, so read-only: let go of the embedding rows
+            # this batch read from the mapped checkpoint (else RSS grows with the vocabulary seen)
+            let_go(model.encoder.embed.weight, model.decoder.embed.weight)
     return results
 
 

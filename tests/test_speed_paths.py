@@ -196,37 +196,39 @@ def _mapped_rss_kib(path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
-def test_page_out_drops_mapped_weights_and_keeps_their_values(tmp_path):
+@pytest.mark.parametrize("release", [kernels.page_out, kernels.let_go])
+def test_releasing_mapped_weights_drops_them_and_keeps_their_values(tmp_path, release):
     """A weight read from a memory-mapped checkpoint leaves the process's resident memory after
-    page_out, and reads back unchanged."""
+    page_out / let_go, and reads back unchanged."""
     path = tmp_path / "w.pt"
     torch.save({"w": torch.arange(4_000_000, dtype=torch.float32)}, path)
     w = torch.load(path, mmap=True, weights_only=True)["w"]
     assert float(w.sum()) == pytest.approx(4_000_000 * 3_999_999 / 2, rel=1e-6)  # every page touched
     before = _mapped_rss_kib(path)
     assert before > 10_000
-    kernels.page_out(w, None)
+    release(w, None)
     if _mapped_rss_kib(path) >= before:
-        pytest.skip("this kernel does not support MADV_PAGEOUT")
+        pytest.skip("this kernel does not support the advice")
     assert _mapped_rss_kib(path) < before / 4
     assert torch.equal(w, torch.arange(4_000_000, dtype=torch.float32))
     anon = torch.arange(1000.0)
-    kernels.page_out(anon)  # memory not backed by a file: unchanged
+    release(anon)  # memory not backed by a file: unchanged
     assert torch.equal(anon, torch.arange(1000.0))
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
-def test_page_out_advises_only_file_backed_pages(tmp_path, monkeypatch):
-    """Only pages of a file mapping are advised (anonymous memory would go to swap and come back),
-    and of a slice of rows only those rows' whole pages."""
+@pytest.mark.parametrize("release", [kernels.page_out, kernels.let_go])
+def test_releasing_advises_only_file_backed_pages(tmp_path, monkeypatch, release):
+    """Only pages of a file mapping are advised (anonymous memory would go to swap, or with
+    MADV_DONTNEED be lost), and of a slice of rows only those rows' whole pages."""
     calls = []
     monkeypatch.setattr(kernels, "_madvise", lambda: lambda addr, size, advice: calls.append((addr.value, size.value)))
-    kernels.page_out(torch.arange(1_000_000.0), torch.zeros(3, 4, dtype=torch.bfloat16))
+    release(torch.arange(1_000_000.0), torch.zeros(3, 4, dtype=torch.bfloat16))
     assert calls == []
     path = tmp_path / "w.pt"
     torch.save({"w": torch.zeros(1000, 4096)}, path)
     w = torch.load(path, mmap=True, weights_only=True)["w"]  # 16 KiB rows
-    kernels.page_out(w[10:20])
+    release(w[10:20])
     page = os.sysconf("SC_PAGE_SIZE")
     first, last = w[10].data_ptr(), w[20].data_ptr()
     assert calls and all(first <= a and a + n <= last and a % page == 0 for a, n in calls)
