@@ -309,8 +309,8 @@ class Linear(nn.Linear):
                 self._screen, self._screen_version = ArgmaxScreen(self.weight, self.bias), self.weight._version
                 page_out(self.weight)  # the screen re-reads only the few candidate rows
         screen = self._screen = self._current(self._screen, self._screen_version)
-        tokens = screen(x, banned) if screen is not None else None
-        if tokens is None:  # no screen, or a row it cannot bound (inf / NaN logits)
+        tokens = screen(x, banned) if screen is not None and x.size(0) and _onednn_for(x) else None
+        if tokens is None:  # no screen (or no fp32 product wanted: autocast), or a row it cannot bound
             tokens = argmax_logits(linear(x, self.weight, self.bias).float(), banned)
         return tokens
 

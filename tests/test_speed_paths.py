@@ -677,6 +677,12 @@ def test_argmax_screen_gives_up_on_rows_it_cannot_bound():
     got = layer.argmax(x)  # screened from the first call; the NaN row plainly
     assert layer._screen is not None and layer._packed is None  # argmax never packs the fp32 copy
     assert torch.equal(got, (x @ weight.t() + bias).argmax(1))
+    assert layer.argmax(x[:0]).shape == (0,)
+    x = _screen_case(500)[2]  # no NaN; near-ties that bf16 products resolve differently
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the bf16 product's argmax, as before
+        want = F.linear(x, layer.weight, layer.bias).float().argmax(1)
+        assert torch.equal(layer.argmax(x), want)
+    assert not torch.equal(want, (x @ weight.t() + bias).argmax(1))
 
 
 @torch.no_grad()
