@@ -82,14 +82,17 @@ def prepare_for_inference(model: Seq2Seq, precision: str = "fp32", quantize: str
     model.requires_grad_(False)
     model.decoder.rnn.fuse_for_inference(pack=precision == "fp32" and quantize == "none")
     if precision == "bf16":
-        tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        # embedding tables stay fp32 in the mapped file (translate_ids lets go of the rows a batch
+        # read); the rows they give are converted. Everything else: one tensor at a time, so that
+        # the fp32 originals (read from the checkpoint file) never all stay resident.
+        embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        tables = {id(m.weight) for m in embeddings}
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.is_floating_point() and not any(tensor is t for t in tables):
-                fp32, tensor.data = tensor.data, tensor.data.to(torch.bfloat16)  # one at a time, so
-                page_out(fp32)  # the fp32 originals (read from the checkpoint file) never all stay resident
-        for module in model.modules():  # tables stay fp32 in the mapped file, their rows paged out
-            if isinstance(module, torch.nn.Embedding):  # after each batch; looked-up rows become bf16
-                module.register_forward_hook(_rows_to_bf16)
+            if tensor.is_floating_point() and id(tensor) not in tables:
+                fp32, tensor.data = tensor.data, tensor.data.to(torch.bfloat16)
+                page_out(fp32)
+        for module in embeddings:
+            module.register_forward_hook(_rows_to_bf16)
     if quantize == "int8":
         import warnings
 
