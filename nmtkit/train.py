@@ -48,6 +48,7 @@ from nmtkit.data import Batch, DataDir, ParallelData, collate, token_batches
 from nmtkit.distributed import DistInfo, default_device, init_distributed, launch
 from nmtkit.errors import NmtkitError, UsageError
 from nmtkit.model import Seq2Seq, build_model
+from nmtkit.optim import SGD, Adam, FusedOptimizer
 from nmtkit.score import bleu
 from nmtkit.tokenizer import BOS, Tokenizer
 from nmtkit.translate import DecodeOptions, autocast, translate_ids
@@ -136,12 +137,14 @@ def check_run(data_dir: str | Path, save_dir: str | Path, config: Config, resume
     return data, config, ckpt
 
 
-def make_optimizer(model: Seq2Seq, config: Config) -> torch.optim.Optimizer:
-    # fused: one multi-tensor kernel per step instead of ~10 passes over all parameters
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    if config.train.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.train.lr, fused=fused)
-    return torch.optim.SGD(model.parameters(), lr=config.train.lr, fused=fused)
+def make_optimizer(model: Seq2Seq, config: Config) -> FusedOptimizer | torch.optim.Optimizer:
+    """Adam or SGD through torch's fused kernels (one multi-tensor kernel per step instead of ~10
+    passes over all parameters; nmtkit.optim: torch.optim's updates without its dynamo import);
+    torch.optim's own unfused ones on devices the fused kernels do not serve."""
+    adam = config.train.optimizer == "adam"
+    if all(p.device.type in ("cpu", "cuda") for p in model.parameters()):
+        return (Adam if adam else SGD)(model.parameters(), lr=config.train.lr)
+    return (torch.optim.Adam if adam else torch.optim.SGD)(model.parameters(), lr=config.train.lr)
 
 
 def batch_seed(seed: int, epoch: int, position: int) -> int:
