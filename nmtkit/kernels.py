@@ -762,9 +762,9 @@ def lstm_sequence(rnn: torch.nn.LSTM, x: torch.Tensor, lengths: torch.Tensor
         w_ih = torch.cat([getattr(rnn, "weight_ih" + s) for s in sfx], 0)  # (D·4H, In)
         bias = torch.cat([getattr(rnn, "bias_ih" + s) + getattr(rnn, "bias_hh" + s) for s in sfx], 0)
         proj = linear(inp.to(dtype), w_ih.to(dtype), bias.to(dtype))  # (B, S, D·4H)
-        parts = [proj[..., :4 * H]]
-        if D == 2:
-            parts.append(reverse_padded(proj[..., 4 * H:], lengths))
+        parts = list(proj.split(4 * H, -1))  # one split, not D slices: their backward is one cat, not
+        if D == 2:                             # D zero-filled (B, S, D·4H) tensors summed
+            parts[1] = reverse_padded(parts[1], lengths)
         steps = torch.stack(parts, 0).unbind(2)  # S x (D, B, 4H)
         w_hh = torch.stack([getattr(rnn, "weight_hh" + s) for s in sfx], 0).to(dtype)  # (D, 4H, H)
         recur = SharedLinear(w_hh)
