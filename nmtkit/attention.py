@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmtkit.config import ModelConfig
-from nmtkit.kernels import Linear, tanh
+from nmtkit.kernels import Linear, SharedLinear, compute_dtype, tanh
 from nmtkit.registry import ATTENTIONS, WINDOWS
 
 
@@ -222,12 +222,28 @@ class Attention(nn.Module):
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.score.keys(memory)
 
+    def per_batch(self, keys: torch.Tensor, memory: torch.Tensor) -> dict[str, SharedLinear]:
+        """For a decoder's step loop under autograd: the products with the memory as SharedLinear
+        over one weight per sentence, "context" a·memory and, for a bilinear score (dot, general),
+        "scores" q·keysᵀ. Their gradients for keys and memory are then summed over steps by a few
+        batched products (one per 16 steps), not by an outer product (B, S, H) and an addition per
+        step. Empty without gradients (search: one plain bmm per step)."""
+        if not (torch.is_grad_enabled() and (keys.requires_grad or memory.requires_grad)):
+            return {}
+        dtype = compute_dtype(memory.dtype, memory.device.type)  # bmm's dtype under autocast
+        products = {"context": SharedLinear(memory.to(dtype).transpose(1, 2))}  # weight (B, Hm, S)
+        if isinstance(self.score, (DotScore, GeneralScore)):
+            products["scores"] = SharedLinear(keys.to(dtype))  # weight (B, S, K)
+        return products
+
     def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
-                mask: torch.Tensor, lengths: torch.Tensor, steps: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor, lengths: torch.Tensor, steps: torch.Tensor,
+                products: dict[str, SharedLinear] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """query (B, T, Hq), keys (B, S, K), memory (B, S, Hm), mask (B, S), lengths (B,),
-        steps (T,) 1-based target positions -> context (B, T, Hm), weights (B, T, S)."""
-        scores = self.score(query, keys)  # (B, T, S)
+        steps (T,) 1-based target positions -> context (B, T, Hm), weights (B, T, S).
+        ``products``: ``per_batch(keys, memory)`` (the same functions, gradients deferred)."""
+        products = products or {}
+        scores = products["scores"](query) if "scores" in products else self.score(query, keys)  # (B, T, S)
         if scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()  # softmax in fp32 under autocast; fp64 stays fp64
         allowed, factor = self.window(query, steps, lengths, memory.size(1))
@@ -238,7 +254,8 @@ class Attention(nn.Module):
             if self.renormalize:
                 weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(memory.dtype)
-        return torch.bmm(weights, memory), weights  # (B, T, Hm), (B, T, S)
+        context = products["context"](weights) if "context" in products else torch.bmm(weights, memory)
+        return context, weights  # (B, T, Hm), (B, T, S)
 
 
 def build_attention(cfg: ModelConfig, query_size: int, memory_size: int) -> Attention:

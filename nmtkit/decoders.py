@@ -229,7 +229,10 @@ class Decoder(nn.Module):
         hidden = {"h": h0}
         if c0 is not None:
             hidden["c"] = c0
-        return DecoderState(enc.states, keys, enc.mask, enc.lengths, hidden, self.plan())
+        plan = self.plan()
+        if self.attention is not None:
+            plan["attend"] = self.attention.per_batch(keys, enc.states)
+        return DecoderState(enc.states, keys, enc.mask, enc.lengths, hidden, plan)
 
     def plan(self) -> dict[str, Any]:
         """Per-batch callables for the layers used at every step (see StackedRNN.plan)."""
@@ -241,7 +244,7 @@ class Decoder(nn.Module):
         N, K = query.size(0), state.beam
         steps = torch.full((K,), t, device=query.device)
         context, weights = self.attention(query.view(N // K, K, -1), state.keys, state.memory, state.mask,
-                                          state.lengths, steps)  # (B, K, Hm), (B, K, S)
+                                          state.lengths, steps, state.plan.get("attend"))  # (B, K, Hm), (B, K, S)
         return context.reshape(N, -1), weights.reshape(N, -1)
 
     def precompute(self, emb: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -450,6 +450,24 @@ def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn
         torch.testing.assert_close(fast[name], plain[name], msg=name)
 
 
+@pytest.mark.parametrize("decoder,attention,deferred", [
+    ("luong", "luong-general", {"scores", "context"}), ("luong", "luong-dot", {"scores", "context"}),
+    ("luong", "luong-concat", {"context"}), ("bahdanau", "bahdanau", {"context"})])
+def test_attention_products_with_the_memory_are_deferred_in_training(decoder, attention, deferred):
+    """Under autograd the step loop's products with the memory (q·keysᵀ for bilinear scores, a·memory)
+    go through SharedLinear (gradients equal plain autograd's: test above); in search they are plain."""
+    cfg = ModelConfig(decoder=decoder, attention=attention, layers=1, hidden_size=12, embed_size=8,
+                      dropout=0.0, src_vocab_size=20, tgt_vocab_size=22)
+    model = build_model(cfg)
+    src, lengths, tgt = toy_batch()
+    products = model.encode(src, lengths).plan["attend"]
+    assert set(products) == deferred and all(p.defer for p in products.values())
+    with torch.no_grad():
+        assert model.encode(src, lengths).plan["attend"] == {}
+    with plain_autograd():
+        assert not any(p.defer for p in model.encode(src, lengths).plan["attend"].values())
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("chunk_rows", [2, 1000])
 def test_generator_loss_equals_cross_entropy(smoothing, chunk_rows, monkeypatch):
