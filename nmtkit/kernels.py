@@ -463,6 +463,9 @@ class _Bank:
                 self.d_bias += d_bias
 
 
+ONEDNN_MIN_ROWS = 8  # batched products with fewer rows per slice run as one bmm
+
+
 def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x Wᵀ for x (N, in), W (out, in); batched for x (D, N, in), W (D, out, in): D oneDNN products
     where each is a matrix product (the directions of a biRNN), else one bmm (attention: D sentences,
@@ -472,9 +475,6 @@ def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.size(1) >= ONEDNN_MIN_ROWS and _onednn_for(x, weight):
         return torch.stack([linear(x[d], weight[d]) for d in range(weight.size(0))])
     return torch.bmm(x, weight.transpose(1, 2))
-
-
-ONEDNN_MIN_ROWS = 8  # batched products with fewer rows per slice run as one bmm
 
 
 class _WeightNode(Function):
@@ -522,8 +522,9 @@ class SharedLinear:
     """A weight (and optional bias) applied at every step of a loop: ``self(x)`` = F.linear(x, W, b).
 
     A 3-D weight (D, out, in) applies D weights to x (D, N, in) at once (both directions of a
-    bidirectional RNN; attention's q·keysᵀ and a·memory, one weight per sentence). Built once per forward pass from tensors that may be views or casts of parameters (e.g. the
-    concatenation [W_x W_h] in the compute dtype). When gradients are needed the weight gradient
+    bidirectional RNN; attention's q·keysᵀ and a·memory, one weight per sentence). Built once per
+    forward pass from tensors that may be views or casts of parameters (e.g. the concatenation
+    [W_x W_h] in the compute dtype). When gradients are needed the weight gradient
     is deferred to a few large matmuls, one per 16 steps (see the module docstring); otherwise it
     is a plain ``linear``.
     """
