@@ -53,8 +53,16 @@ class Score(nn.Module):
         raise NotImplementedError
 
 
+class BilinearScore(Score):
+    """score = q · keysᵀ, one batched product (dot and general differ only in their keys); a
+    decoder's step loop may run it as ``Attention.per_batch``'s "scores" product instead."""
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(query, keys.transpose(1, 2))  # (B, T, S)
+
+
 @ATTENTIONS.register("luong-dot")
-class DotScore(Score):
+class DotScore(BilinearScore):
     """score(h_t, h̄_s) = h_tᵀ h̄_s (Luong et al. 2015 §3.1, eq. 8, 'dot')."""
 
     def __init__(self, query_size: int, memory_size: int, cfg: ModelConfig) -> None:
@@ -62,12 +70,9 @@ class DotScore(Score):
         if query_size != memory_size:
             raise ValueError(f"luong-dot needs equal query and memory sizes ({query_size} != {memory_size})")
 
-    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(query, keys.transpose(1, 2))  # (B, T, S)
-
 
 @ATTENTIONS.register("luong-general")
-class GeneralScore(Score):
+class GeneralScore(BilinearScore):
     """score(h_t, h̄_s) = h_tᵀ W_a h̄_s (Luong et al. 2015 §3.1, eq. 8, 'general').
 
     keys = W_a h̄_s (B, S, Hq) is precomputed once per batch.
@@ -79,9 +84,6 @@ class GeneralScore(Score):
 
     def keys(self, memory: torch.Tensor) -> torch.Tensor:
         return self.W_a(memory)  # (B, S, Hq)
-
-    def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(query, keys.transpose(1, 2))  # (B, T, S)
 
 
 @ATTENTIONS.register("luong-concat")
@@ -232,7 +234,7 @@ class Attention(nn.Module):
             return {}
         dtype = compute_dtype(memory.dtype, memory.device.type)  # bmm's dtype under autocast
         products = {"context": SharedLinear(memory.to(dtype).transpose(1, 2))}  # weight (B, Hm, S)
-        if isinstance(self.score, (DotScore, GeneralScore)):
+        if isinstance(self.score, BilinearScore):
             products["scores"] = SharedLinear(keys.to(dtype))  # weight (B, S, K)
         return products
 
