@@ -113,7 +113,12 @@ class Seq2Seq(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor | None, DecoderState]:
         """One search step: y_prev (B,) at 1-based step t -> log p (B, V) fp32, weights (B, S)."""
         out, weights, state = self.decoder.step_tokens(state, y_prev, t)
-        return F.log_softmax(self.generator(out).float(), dim=-1), weights, state
+        logits = self.generator(out).float()  # (B, V): this step's own tensor
+        if logits.requires_grad:
+            return F.log_softmax(logits, dim=-1), weights, state
+        # in place (the kernel reads each row whole before writing it): beam search's (B·K, V)
+        # step holds one such tensor, not two (fp32 beam 5 peak RSS -6..12 MiB, bench/README.md)
+        return torch.log_softmax(logits, dim=-1, out=logits), weights, state
 
     def greedy_step(self, state: DecoderState, y_prev: torch.Tensor, t: int, banned: int | None = None
                     ) -> tuple[torch.Tensor, DecoderState]:

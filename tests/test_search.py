@@ -82,3 +82,29 @@ def test_exhaustive_beam_finds_the_best_sequence():
     expected = max(candidates)
     assert best == expected[1]
     assert math.isfinite(expected[0])
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_search_step_log_probs_are_log_softmax_of_the_logits(prepared):
+    """``Seq2Seq.step`` turns its logits into log p in place during search: the same numbers
+    as F.log_softmax bit for bit (packed fp32 generator too); with gradients it stays differentiable."""
+    from nmtkit.translate import prepare_for_inference
+
+    model = tiny_model()
+    if prepared:
+        prepare_for_inference(model)
+    src = pad(SOURCES)
+    lengths = torch.tensor([len(s) for s in SOURCES])
+    y = torch.full((len(SOURCES),), BOS)
+    with torch.inference_mode():
+        state = model.encode(src, lengths)
+        logp, _, _ = model.step(state, y, 1)
+        out, _, _ = model.decoder.step_tokens(state, y, 1)
+        want = torch.nn.functional.log_softmax(model.generator(out).float(), dim=-1)
+    assert torch.equal(logp, want)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(len(SOURCES)))
+    if not prepared:
+        model.train()
+        logp, _, _ = model.step(model.encode(src, lengths), y, 1)
+        logp[:, EOS].sum().backward()
+        assert model.generator.weight.grad is not None and model.generator.weight.grad.abs().sum() > 0
