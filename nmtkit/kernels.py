@@ -430,10 +430,11 @@ class _Bank:
     enough to run at full speed, while the banked gradients stay a few MB)."""
 
     FOLD_STEPS = 16
-    __slots__ = ("has_bias", "x", "gy", "d_weight", "d_bias")
+    __slots__ = ("has_bias", "slices", "x", "gy", "d_weight", "d_bias")
 
-    def __init__(self, has_bias: bool) -> None:
+    def __init__(self, has_bias: bool, slices: int = 0) -> None:
         self.has_bias = has_bias
+        self.slices = slices  # D of a batched (D, out, in) weight, else 0
         self.x: list[torch.Tensor] = []
         self.gy: list[torch.Tensor] = []
         self.d_weight: torch.Tensor | None = None
@@ -446,12 +447,13 @@ class _Bank:
             self.fold()
 
     def fold(self) -> None:
-        """d_weight += [gy_1; ...]ᵀ [x_1; ...], d_bias += Σ gy over the banked steps."""
+        """d_weight += [gy_1; ...]ᵀ [x_1; ...], d_bias += Σ gy over the banked steps. Batched (3-D)
+        steps may use the first n ≤ D weights only (sentences leave the batch): a step's missing
+        slices count as zero rows."""
         if not self.gy:
             return
         dim = self.gy[0].dim() - 2  # rows are dim 0 (2-D) or dim 1 (batched 3-D)
-        gy = torch.cat(self.gy, dim) if len(self.gy) > 1 else self.gy[0]  # ([D,] N, out)
-        x = torch.cat(self.x, dim) if len(self.x) > 1 else self.x[0]  # ([D,] N, in)
+        gy, x = _cat_rows(self.gy, self.slices), _cat_rows(self.x, self.slices)  # ([D,] N, out), ([D,] N, in)
         self.x, self.gy = [], []
         d_weight = rows_product(gy, x)  # ([D,] out, in)
         d_bias = gy.sum(dim) if self.has_bias else None
@@ -461,6 +463,21 @@ class _Bank:
             self.d_weight += d_weight
             if d_bias is not None:
                 self.d_bias += d_bias
+
+
+def _cat_rows(parts: list[torch.Tensor], slices: int) -> torch.Tensor:
+    """The banked steps' rows in one tensor: (N, ·) parts joined on dim 0; with ``slices`` D,
+    (n, N_i, ·) parts with n ≤ D joined on dim 1 into (D, ΣN_i, ·), missing slices zero."""
+    if not slices:
+        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    if all(p.size(0) == slices for p in parts):
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    out = parts[0].new_zeros(slices, sum(p.size(1) for p in parts), parts[0].size(2))
+    start = 0
+    for p in parts:
+        out[:p.size(0), start:start + p.size(1)] = p
+        start += p.size(1)
+    return out
 
 
 ONEDNN_MIN_ROWS = 8  # batched products with fewer rows per slice run as one bmm
@@ -501,6 +518,8 @@ class _StepLinear(Function):
     def forward(ctx, x, weight, bias, token, bank):
         ctx.in_dtype = x.dtype
         x = x.to(weight.dtype).contiguous()
+        if weight.dim() == 3 and x.size(0) < weight.size(0):  # the first sentences' weights only
+            weight, bias = weight[:x.size(0)], None if bias is None else bias[:x.size(0)]
         ctx.save_for_backward(x)
         ctx.weight, ctx.bank = weight, bank
         with torch.autocast(weight.device.type, enabled=False):
@@ -522,7 +541,8 @@ class SharedLinear:
     """A weight (and optional bias) applied at every step of a loop: ``self(x)`` = F.linear(x, W, b).
 
     A 3-D weight (D, out, in) applies D weights to x (D, N, in) at once (both directions of a
-    bidirectional RNN; attention's q·keysᵀ and a·memory, one weight per sentence). Built once per
+    bidirectional RNN; attention's q·keysᵀ and a·memory, one weight per sentence), or its first
+    n weights to x (n, N, in) (the sentences still decoding in training). Built once per
     forward pass from tensors that may be views or casts of parameters (e.g. the concatenation
     [W_x W_h] in the compute dtype). When gradients are needed the weight gradient
     is deferred to a few large matmuls, one per 16 steps (see the module docstring); otherwise it
@@ -534,7 +554,7 @@ class SharedLinear:
         self.defer = _DEFER and torch.is_grad_enabled() and (
             weight.requires_grad or (bias is not None and bias.requires_grad))
         if self.defer:
-            self.bank = _Bank(bias is not None)
+            self.bank = _Bank(bias is not None, weight.size(0) if weight.dim() == 3 else 0)
             self.token = _WeightNode.apply(weight, bias, self.bank)
             self.w = weight.detach()
             self.b = None if bias is None else bias.detach()
@@ -546,8 +566,9 @@ class SharedLinear:
             return _StepLinear.apply(x, self.w, self.b, self.token, self.bank)
         x = x.to(self.w.dtype)
         if self.w.dim() == 3:
-            y = _mm_t(x, self.w)
-            return y if self.b is None else y + self.b.unsqueeze(-2)
+            n = x.size(0)  # the first n slices (sentences may have left the batch)
+            y = _mm_t(x, self.w[:n])
+            return y if self.b is None else y + self.b[:n].unsqueeze(-2)
         return linear(x, self.w, self.b)
 
 

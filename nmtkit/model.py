@@ -104,10 +104,17 @@ class Seq2Seq(nn.Module):
         """Teacher forcing -> logits (B, T, V), attention weights (B, T, S) or None; given the
         targets tgt_out (B, T) -> (loss, summed NLL) of ``generator_loss`` instead, without ever
         holding the (B, T, V) logits (training and validation go this way)."""
-        outputs, attn = self.decoder(self.encode(src, lengths), tgt_in)
-        if tgt_out is not None:
-            return generator_loss(outputs, self.generator, tgt_out, label_smoothing)
-        return self.generator(outputs), attn
+        if tgt_out is None:
+            outputs, attn = self.decoder(self.encode(src, lengths), tgt_in)
+            return self.generator(outputs), attn
+        # the loss is a sum over tokens: sentences reordered by target length, longest first, so
+        # that the decoder drops each one after its last step (no work on target padding)
+        real = tgt_out != PAD  # (B, T)
+        steps, order = real.sum(1).sort(descending=True, stable=True)  # (B,) each
+        if not bool((order == torch.arange(len(order), device=order.device)).all()):
+            src, lengths, tgt_in, tgt_out, real = (t.index_select(0, order) for t in (src, lengths, tgt_in, tgt_out, real))
+        outputs, _ = self.decoder(self.encode(src, lengths), tgt_in, steps)  # (N, O) time-major
+        return generator_loss(outputs, self.generator, tgt_out.t()[real.t()], label_smoothing)
 
     def step(self, state: DecoderState, y_prev: torch.Tensor, t: int
              ) -> tuple[torch.Tensor, torch.Tensor | None, DecoderState]:
@@ -238,17 +245,20 @@ def generator_loss(outputs: torch.Tensor, generator: nn.Linear, target: torch.Te
                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the generator's softmax over non-padding tokens, for all steps at once.
 
-    outputs (B, T, H) decoder outputs, target (B, T) -> (loss to optimise, summed NLL, detached).
+    outputs (B, T, H) decoder outputs, target (B, T) -> (loss to optimise, summed NLL, detached);
+    or outputs (N, H), target (N,) without padding (the decoder's packed outputs).
     With label smoothing ε the loss is (1 − ε)·NLL + ε·mean_v(−log p_v), as torch's
     cross_entropy(label_smoothing=ε). Padding rows are dropped before the output layer.
     """
     dtype = compute_dtype(wide(outputs).dtype, outputs.device.type)
-    flat = target.reshape(-1)
-    rows = (flat != PAD).nonzero().squeeze(1)  # (N,)
-    h = outputs.reshape(-1, outputs.size(-1)).index_select(0, rows)  # (N, H)
+    if target.dim() == 1:  # packed: every row a real token
+        h, flat = outputs, target
+    else:
+        rows = (target.reshape(-1) != PAD).nonzero().squeeze(1)  # (N,)
+        h = outputs.reshape(-1, outputs.size(-1)).index_select(0, rows)  # (N, H)
+        flat = target.reshape(-1).index_select(0, rows)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, generator.weight, generator.bias))
-    nll, uniform = _GeneratorNLL.apply(h, generator.weight, generator.bias, flat.index_select(0, rows), dtype,
-                                       need_grad)
+    nll, uniform = _GeneratorNLL.apply(h, generator.weight, generator.bias, flat, dtype, need_grad)
     if not label_smoothing:
         return nll, nll.detach()
     return (1 - label_smoothing) * nll + label_smoothing * uniform, nll.detach()

@@ -20,6 +20,7 @@ No timing assertions: speed is measured by bench/.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -40,6 +41,7 @@ from nmtkit.data import DataDir
 from nmtkit.decoders import StackedRNN
 from nmtkit import kernels
 from nmtkit.kernels import Linear, SharedLinear, lstm_sequence, plain_autograd, plain_matmuls
+import nmtkit.decoders
 import nmtkit.model
 from nmtkit.model import build_model, generator_loss
 from nmtkit.search import beam_search, greedy_search, max_lengths
@@ -448,6 +450,51 @@ def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn
     assert fast.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], msg=name)
+
+
+@pytest.mark.parametrize("plain,row_step", [(False, 1), (True, 1), (False, 2)])
+@pytest.mark.parametrize("decoder,attention,window,rnn,input_feed", DECODER_SETUPS)
+def test_training_skips_target_padding(decoder, attention, window, rnn, input_feed, plain, row_step, monkeypatch):
+    """The training loss runs the decoder over sentences sorted by target length, dropping them
+    after their last step in groups of ``ROW_STEP`` rows: with groups of 1 every step computes
+    only real target tokens (rows non-increasing, summing to the token count); loss and gradients
+    equal those of the padded step loop."""
+    monkeypatch.setattr(nmtkit.decoders, "ROW_STEP", row_step)
+    cfg = ModelConfig(decoder=decoder, attention=attention, window=window, rnn=rnn, input_feed=input_feed,
+                      layers=2, hidden_size=12, embed_size=8, dropout=0.0, src_vocab_size=20,
+                      tgt_vocab_size=22)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    src, lengths, tgt = toy_batch()
+    tgt_in, tgt_out = tgt.clone(), tgt.roll(-1, 1)
+    for i, n in enumerate([4, 6, 2, 5, 1]):  # target lengths, not in the sources' order
+        tgt_in[i, n:] = tgt_out[i, n:] = PAD
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def padded_loss():
+        outputs, _ = model.decoder(model.encode(src, lengths), tgt_in)  # (B, T, O): every row, every step
+        return generator_loss(outputs, model.generator, tgt_out, 0.1)[0]
+
+    with plain_autograd() if plain else contextlib.nullcontext():
+        got_loss, got = grads(lambda: model(src, lengths, tgt_in, tgt_out, 0.1)[0])
+        want_loss, want = grads(padded_loss)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+
+    rows, step = [], model.decoder.step
+    monkeypatch.setattr(model.decoder, "step", lambda state, pre, t: (rows.append(len(state.hidden["h"])),
+                                                                        step(state, pre, t))[1])
+    model(src, lengths, tgt_in, tgt_out)
+    live = [5, 4, 3, 3, 2, 1]  # sentences with more than t target tokens
+    assert rows == [min(5, -(-n // row_step) * row_step) for n in live]
+    assert row_step > 1 or sum(rows) == int((tgt_out != PAD).sum())
 
 
 @pytest.mark.parametrize("decoder,attention,deferred", [
