@@ -428,28 +428,39 @@ def test_beams_sharing_the_memory_equal_beams_with_copies(decoder, attention, wi
     assert shared.memory.size(0) == B - 1 and copies.memory.size(0) == K * (B - 1)
 
 
-@pytest.mark.parametrize("decoder,attention,window,rnn,input_feed", DECODER_SETUPS)
-def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn, input_feed):
+def setup_model(decoder, attention, window, rnn, input_feed):
+    """A small two-layer model of one DECODER_SETUPS entry, without dropout."""
     cfg = ModelConfig(decoder=decoder, attention=attention, window=window, rnn=rnn, input_feed=input_feed,
                       layers=2, hidden_size=12, embed_size=8, dropout=0.0, src_vocab_size=20,
                       tgt_vocab_size=22)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    return build_model(cfg)
+
+
+def loss_and_grads(model, loss_fn):
+    """(loss, {parameter name: gradient}) of loss_fn() on model."""
+    model.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(got, want):
+    torch.testing.assert_close(got[0], want[0])
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], msg=name)
+
+
+@pytest.mark.parametrize("decoder,attention,window,rnn,input_feed", DECODER_SETUPS)
+def test_deferred_gradients_equal_plain_autograd(decoder, attention, window, rnn, input_feed):
+    model = setup_model(decoder, attention, window, rnn, input_feed)
     src, lengths, tgt = toy_batch()
-
-    def grads():
-        model.zero_grad()
-        loss, _ = model(src, lengths, tgt, tgt, 0.1)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    fast_loss, fast = grads()
+    loss = lambda: model(src, lengths, tgt, tgt, 0.1)[0]  # noqa: E731
+    fast = loss_and_grads(model, loss)
     with plain_autograd(), plain_matmuls():
-        plain_loss, plain = grads()
-    torch.testing.assert_close(fast_loss, plain_loss)
-    assert fast.keys() == plain.keys()
-    for name in plain:
-        torch.testing.assert_close(fast[name], plain[name], msg=name)
+        plain = loss_and_grads(model, loss)
+    assert_same_loss_and_grads(fast, plain)
 
 
 @pytest.mark.parametrize("plain,row_step", [(False, 1), (True, 1), (False, 2)])
@@ -460,33 +471,20 @@ def test_training_skips_target_padding(decoder, attention, window, rnn, input_fe
     only real target tokens (rows non-increasing, summing to the token count); loss and gradients
     equal those of the padded step loop."""
     monkeypatch.setattr(nmtkit.decoders, "ROW_STEP", row_step)
-    cfg = ModelConfig(decoder=decoder, attention=attention, window=window, rnn=rnn, input_feed=input_feed,
-                      layers=2, hidden_size=12, embed_size=8, dropout=0.0, src_vocab_size=20,
-                      tgt_vocab_size=22)
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    model = setup_model(decoder, attention, window, rnn, input_feed)
     src, lengths, tgt = toy_batch()
     tgt_in, tgt_out = tgt.clone(), tgt.roll(-1, 1)
     for i, n in enumerate([4, 6, 2, 5, 1]):  # target lengths, not in the sources' order
         tgt_in[i, n:] = tgt_out[i, n:] = PAD
-
-    def grads(loss_fn):
-        model.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     def padded_loss():
         outputs, _ = model.decoder(model.encode(src, lengths), tgt_in)  # (B, T, O): every row, every step
         return generator_loss(outputs, model.generator, tgt_out, 0.1)[0]
 
     with plain_autograd() if plain else contextlib.nullcontext():
-        got_loss, got = grads(lambda: model(src, lengths, tgt_in, tgt_out, 0.1)[0])
-        want_loss, want = grads(padded_loss)
-    torch.testing.assert_close(got_loss, want_loss)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], msg=name)
+        got = loss_and_grads(model, lambda: model(src, lengths, tgt_in, tgt_out, 0.1)[0])
+        want = loss_and_grads(model, padded_loss)
+    assert_same_loss_and_grads(got, want)
 
     rows, step = [], model.decoder.step
     monkeypatch.setattr(model.decoder, "step", lambda state, pre, t: (rows.append(len(state.hidden["h"])),
