@@ -572,22 +572,43 @@ class SharedLinear:
         return linear(x, self.w, self.b)
 
 
+KEEP_BITS = 16  # the CPU dropout mask's resolution: keep probabilities are multiples of 2⁻¹⁶
+
+
+def keep_probability(p: float) -> float:
+    """q, the probability that ``_kept`` keeps an element for dropout rate p: 1 − p rounded to the
+    nearest multiple of 2⁻¹⁶ (within 2⁻¹⁷ = 7.6e-6 of it; at least 2⁻¹⁶)."""
+    return max(1, round((1.0 - p) * (1 << KEEP_BITS))) / (1 << KEEP_BITS)
+
+
 def _kept(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool mask, each element True with probability 1−p, independently. Drawn as uniform < 1−p:
-    on CPU 3x faster than bernoulli_, which F.dropout uses (a 1.6 M-element mask: 5.4 ms against
-    16.7 ms, bench/README.md)."""
-    return torch.rand(shape, device=device) < 1.0 - p
+    """Bool mask, each element True with probability ``keep_probability(p)``, independently.
+
+    On CPU each element is one 16-bit lane of full-range 64-bit random words (four per word), kept
+    when below q·2¹⁶: a quarter of the generator's draws of torch.rand(shape) < q and no conversion
+    to floats (a (64, 50, 512) mask 5.7 → 2.0 ms; F.dropout's bernoulli_ takes 15, bench/README.md).
+    """
+    q = keep_probability(p)
+    if torch.device(device).type != "cpu":
+        return torch.rand(shape, device=device) < q
+    if q == 1.0:  # q·2¹⁶ does not fit the int16 lanes
+        return torch.ones(shape, dtype=torch.bool)
+    n = math.prod(shape)
+    words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(1 << 63), None)  # uniform over all 2⁶⁴
+    lanes = words.view(torch.int16)[:n].view(shape)  # each uniform over [−2¹⁵, 2¹⁵)
+    return lanes < round(q * (1 << KEEP_BITS)) - (1 << 15)
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Inverted-dropout mask (fp32): each element 1/(1−p) with probability 1−p, else 0, independently
-    (F.dropout's distribution)."""
-    return _kept(shape, p, device).float().div_(1.0 - p)
+    """Inverted-dropout mask (fp32): each element 1/q with probability q = ``keep_probability(p)``
+    (1 − p to within 2⁻¹⁷), else 0, independently; E[mask] = 1 exactly."""
+    return _kept(shape, p, device).float().div_(keep_probability(p))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout(x, p, training) in distribution; on CPU with a faster mask (``_kept``) that is kept
-    for backward as bool (1 byte per element, as F.dropout keeps)."""
+    """F.dropout(x, p, training) in distribution (keep probability ``keep_probability(p)``, kept
+    elements scaled by its inverse); on CPU with a faster mask (``_kept``) that is kept for backward
+    as bool (1 byte per element, as F.dropout keeps)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
@@ -596,13 +617,14 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 class _Dropout(Function):
-    """y = x ⊙ m / (1−p) with m ~ Bernoulli(1−p) elementwise; keeps m as bool for backward."""
+    """y = x ⊙ m / q with m ~ Bernoulli(q) elementwise, q = ``keep_probability(p)``; keeps m as
+    bool for backward."""
 
     @staticmethod
     def forward(ctx, x, p):
         keep = _kept(x.shape, p)  # (x.shape) bool
         ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
+        ctx.scale = 1.0 / keep_probability(p)
         return x.mul(keep).mul_(ctx.scale)
 
     @staticmethod
@@ -760,8 +782,12 @@ class _Reverse(Function):
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """y[b, s] = x[b, index[b, s]] for x (B, S, ...), index (B, S)."""
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+    """y[b, s] = x[b, index[b, s]] for x (B, S, ...), index (B, S): x.gather(1, index expanded),
+    done as one index_select of whole rows of the (B·S, ...) view (a copy per row, not an index
+    per element: 9-30x faster on the encoder's (64, 50, 1024) inputs, bench/README.md)."""
+    B, S = index.shape
+    flat = (index + torch.arange(B, device=index.device).unsqueeze(1) * S).view(-1)  # (B·S,)
+    return x.reshape(B * S, -1).index_select(0, flat).view(x.shape)
 
 
 def lstm_sequence(rnn: torch.nn.LSTM, x: torch.Tensor, lengths: torch.Tensor

@@ -172,7 +172,7 @@ class _GeneratorNLL(torch.autograd.Function):
 
     For rows h_i (N, H) with targets y_i, p_i = softmax(z_i) and lse_i = log Σ_v exp z_i[v]:
         nll = Σ_i (lse_i − z_i[y_i]),   uniform = Σ_i (lse_i − mean_v z_i[v])
-    (the label-smoothing term). Their gradient is linear in the two upstream scalars g_n, g_u:
+    (the label-smoothing term, computed only with label smoothing: otherwise 0). Their gradient is linear in the two upstream scalars g_n, g_u:
         ∂/∂z_i = (g_n + g_u) p_i − g_n e_{y_i} − g_u / V, hence
         ∂h_i = (g_n + g_u) p_i W − g_n W[y_i] − g_u mean_v W[v]
         ∂W   = (g_n + g_u) Σ_i p_i h_iᵀ − g_n Σ_i e_{y_i} h_iᵀ − (g_u / V) 1 (Σ_i h_i)ᵀ
@@ -183,9 +183,10 @@ class _GeneratorNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, dtype, need_grad):
+    def forward(ctx, h, weight, bias, target, dtype, need_grad, smoothing):
         # h (N, H) non-padding rows, weight (V, H), bias (V,), target (N,); matmuls in ``dtype``;
-        # need_grad: whether to do the gradient work (ctx.needs_input_grad ignores no_grad mode)
+        # need_grad: whether to do the gradient work (ctx.needs_input_grad ignores no_grad mode);
+        # smoothing: whether to compute ``uniform`` (else it stays 0, and so does its gradient)
         acc = wide(h).dtype  # fp32 (or fp64) for logits and accumulators
         n, v = h.size(0), weight.size(0)
         hc, w, b = h.to(dtype), weight.to(dtype), bias.to(dtype)
@@ -200,12 +201,14 @@ class _GeneratorNLL(torch.autograd.Function):
                 e = min(s + rows, n)
                 z = linear(hc[s:e], w, b).to(acc)  # (C, V) logits
                 z_max = z.amax(dim=1, keepdim=True)  # (C, 1)
-                z_y, z_mean = z.gather(1, target[s:e].unsqueeze(1)), z.mean(dim=1, keepdim=True)  # (C, 1)
+                z_y = z.gather(1, target[s:e].unsqueeze(1))  # (C, 1)
+                z_mean = z.mean(dim=1, keepdim=True) if smoothing else None  # (C, 1)
                 p = z.sub_(z_max).exp_()  # (C, V) exp(z − max), in place of z: no (C, V) temporary
                 total = p.sum(dim=1, keepdim=True)  # (C, 1)
                 lse = z_max + total.log()  # (C, 1) log Σ_v exp z_v
                 nll += (lse - z_y).sum()
-                uniform += (lse - z_mean).sum()
+                if smoothing:
+                    uniform += (lse - z_mean).sum()
                 if need_grad:
                     pc = p.div_(total).to(dtype)  # (C, V) softmax
                     p_w[s:e] = linear(pc, w.t())  # p W
@@ -219,6 +222,7 @@ class _GeneratorNLL(torch.autograd.Function):
                         p_sum += p.sum(dim=0)
         if need_grad:
             ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)
+            ctx.smoothing = smoothing
         return nll, uniform
 
     @staticmethod
@@ -230,15 +234,20 @@ class _GeneratorNLL(torch.autograd.Function):
         d_h = d_w = d_b = None
         if ctx.needs_input_grad[0]:
             w = weight.to(p_w.dtype)
-            d_h = (p_w * g - g_n * w[target] - g_u * w.mean(dim=0)).to(h.dtype)  # (N, H)
+            d_h = p_w * g - g_n * w[target]  # (N, H)
+            if ctx.smoothing:
+                d_h -= g_u * w.mean(dim=0)
+            d_h = d_h.to(h.dtype)
         if ctx.needs_input_grad[1]:  # in place of p_h (V, H): a second backward raises, as autograd does
             hw = h.to(p_h.dtype)
-            d_w = p_h.mul_(g).index_add_(0, target, hw * -g_n).sub_((g_u / v) * hw.sum(dim=0))  # (V, H)
+            d_w = p_h.mul_(g).index_add_(0, target, hw * -g_n)  # (V, H)
+            if ctx.smoothing:
+                d_w.sub_((g_u / v) * hw.sum(dim=0))
             d_w = d_w.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             counts = torch.bincount(target, minlength=v).to(p_sum.dtype)  # (V,)
             d_b = (p_sum * g - g_n * counts - g_u * n / v).to(weight.dtype)
-        return d_h, d_w, d_b, None, None, None
+        return d_h, d_w, d_b, None, None, None, None
 
 
 def generator_loss(outputs: torch.Tensor, generator: nn.Linear, target: torch.Tensor,
@@ -258,7 +267,8 @@ def generator_loss(outputs: torch.Tensor, generator: nn.Linear, target: torch.Te
         h = outputs.reshape(-1, outputs.size(-1)).index_select(0, rows)  # (N, H)
         flat = target.reshape(-1).index_select(0, rows)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, generator.weight, generator.bias))
-    nll, uniform = _GeneratorNLL.apply(h, generator.weight, generator.bias, flat, dtype, need_grad)
+    nll, uniform = _GeneratorNLL.apply(h, generator.weight, generator.bias, flat, dtype, need_grad,
+                                       bool(label_smoothing))
     if not label_smoothing:
         return nll, nll.detach()
     return (1 - label_smoothing) * nll + label_smoothing * uniform, nll.detach()

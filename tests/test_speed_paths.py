@@ -246,25 +246,46 @@ def test_tanh_is_torch_tanh():
     assert (g_got - g_want).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("p", [0.3, 0.5])
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.1])
 def test_dropout_keeps_one_minus_p_scaled_and_backpropagates_through_the_same_mask(p):
     torch.manual_seed(0)
+    q = kernels.keep_probability(p)
+    assert abs(q - (1 - p)) <= 2.0 ** -17 and (q * 2**16).is_integer()
     x = (torch.rand(400, 500) + 0.5).requires_grad_()  # no zeros: a zero output means dropped
     y = kernels.dropout(x, p)
     kept = y != 0
     n = kept.numel()
-    assert abs(kept.float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard errors
-    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    assert abs(kept.float().mean().item() - q) < 4 * math.sqrt(q * (1 - q) / n)  # 4 standard errors
+    torch.testing.assert_close(y[kept], x[kept] / q)
     up = torch.randn_like(y)
     (grad,) = torch.autograd.grad((y * up).sum(), x)
-    torch.testing.assert_close(grad, up * kept / (1 - p))
+    torch.testing.assert_close(grad, up * kept / q)
     assert kernels.dropout(x, p, training=False) is x
     mask = kernels.dropout_mask((400, 500), p)
     values = mask.unique()
-    assert values[0] == 0 and len(values) == 2 and math.isclose(values[1].item(), 1 / (1 - p), rel_tol=1e-6)
-    assert abs((mask != 0).float().mean().item() - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)
+    assert values[0] == 0 and len(values) == 2 and math.isclose(values[1].item(), 1 / q, rel_tol=1e-6)
+    assert abs((mask != 0).float().mean().item() - q) < 4 * math.sqrt(q * (1 - q) / n)
     module = kernels.Dropout(p).eval()
     assert torch.equal(module(x), x) and module.state_dict() == {}
+
+
+def test_dropout_mask_elements_are_independent_and_tiny_rates_keep_everything():
+    """The CPU mask packs four elements into each 64-bit random word: neighbours (one word) and
+    elements four apart (the same lane of the next word) are kept independently, and every lane is
+    kept at the same rate. A rate whose 1 − p rounds to 1 keeps every element."""
+    torch.manual_seed(0)
+    n, p = 1 << 20, 0.3
+    q = kernels.keep_probability(p)
+    kept = kernels._kept((n,), p).float()
+    se = 4 * math.sqrt(q * (1 - q) / (n // 4))
+    for lane in range(4):
+        assert abs(kept[lane::4].mean().item() - q) < se
+    for gap in (1, 2, 3, 4, 7):  # P(both kept) = q² for independent elements
+        both = (kept[:-gap] * kept[gap:]).mean().item()
+        assert abs(both - q * q) < 4 * math.sqrt(q * q * (1 - q * q) / (n - gap))
+    assert kernels._kept((3, 5), p).shape == (3, 5)  # 15 elements: the last word's lanes in part
+    assert kernels._kept((3, 5), 1e-7).all() and kernels.keep_probability(1e-7) == 1.0
+    assert torch.equal(kernels.dropout_mask((3, 5), 1e-7), torch.ones(3, 5))
 
 
 def test_lstm_cell_equals_the_lstm_equations():
@@ -289,19 +310,22 @@ def test_lstm_cell_equals_the_lstm_equations():
     assert c.grad is not None and torch.isfinite(c.grad).all()
 
 
-def test_reverse_padded_gradient_is_the_reversed_gradient():
+@pytest.mark.parametrize("strided", [False, True])  # True: a slice of the last dim, as lstm_sequence's split
+def test_reverse_padded_gradient_is_the_reversed_gradient(strided):
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 2, requires_grad=True)
+    whole = torch.randn(3, 5, 4 if strided else 2, requires_grad=True)
+    x = whole[..., 2:] if strided else whole
     lengths = torch.tensor([5, 2, 3])
     y = kernels.reverse_padded(x, lengths)
     torch.testing.assert_close(y[1, :2], x[1, :2].flip(0))
     torch.testing.assert_close(y[1, 2:], x[1, 2:])  # padding stays
-    up = torch.randn_like(y)
-    (grad,) = torch.autograd.grad((y * up).sum(), x)
     index = torch.tensor([[4, 3, 2, 1, 0], [1, 0, 2, 3, 4], [2, 1, 0, 3, 4]])
     ref = x.gather(1, index.unsqueeze(-1).expand_as(x))
-    (want,) = torch.autograd.grad((ref * up).sum(), x)
-    torch.testing.assert_close(grad, want)
+    assert torch.equal(y, ref)
+    up = torch.randn_like(y)
+    (grad,) = torch.autograd.grad((y * up).sum(), whole)
+    (want,) = torch.autograd.grad((ref * up).sum(), whole)
+    assert torch.equal(grad, want)
 
 
 @pytest.mark.parametrize("batched", [False, True])
