@@ -2,7 +2,7 @@
 """nmtkit and OpenNMT-py 3.5.1 side by side on the reference model, one command:
 
     bash bench/onmt_setup.sh                    # once: OpenNMT-py in runs/bench/onmt-venv
-    .venv/bin/python bench/side_by_side.py      # [--rounds 3] [--steps 200] [--no-onmt]
+    .venv/bin/python bench/side_by_side.py      # [--rounds 3] [--steps 200] [--no-onmt] [--skip-translate]
 
 Reference model (both toolkits): 2-layer biLSTM encoder (2 x 256), 2-layer LSTM decoder 512 that
 starts from the encoder's final states (nmtkit bridge 'last', OpenNMT-py's default: no bridge),
@@ -287,6 +287,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--no-onmt", action="store_true", help="nmtkit only")
     ap.add_argument("--skip-train", action="store_true", help="reuse the round-1 models of a previous run")
+    ap.add_argument("--skip-translate", action="store_true", help="training figures only")
     ap.add_argument("--report-only", action="store_true", help="print the tables of runs/bench/results.json again")
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP_NUM_THREADS for every run and the matmul peak (0: the toolkits' default, all cores)")
@@ -336,6 +337,9 @@ def main() -> None:
         else:
             models = {"nmtkit_fp32": str(RUNS / "nmtkit-fp32-r1" / "best.pt"),
                       "onmt": str(RUNS / "onmt-r1" / f"model_step_{args.steps}.pt")}
+        if args.skip_translate:
+            save(results, pad, flops)
+            continue
         out = RUNS / "out"
         out.mkdir(exist_ok=True)
         nm = models["nmtkit_fp32"]
@@ -366,8 +370,13 @@ def main() -> None:
             net = max(res["wall"] - startup[kit], 1e-6)
             tokens = out_tokens(o)
             add(name, {**res, "sent_s": 500 / net, "tok_s": tokens / net, "out_tokens": tokens})
-        (RUNS / "results.json").write_text(json.dumps({"results": results, "padding": pad, "flops": flops}, indent=1))
+        save(results, pad, flops)
     report(results, pad, flops, onmt, args.steps)
+
+
+def save(results, pad, flops) -> None:
+    """Raw figures so far to runs/bench/results.json (after every round: a cut-short run keeps them)."""
+    (RUNS / "results.json").write_text(json.dumps({"results": results, "padding": pad, "flops": flops}, indent=1))
 
 
 def report(results, pad, flops, onmt, steps: int) -> None:

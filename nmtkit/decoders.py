@@ -184,10 +184,7 @@ class StackedRNN(nn.Module):
             h_l = hs[layer]
             if self.lstm:
                 xh = h_l if x is None else torch.cat([x.to(h_l.dtype), h_l], 1)
-                gates = plan[layer](xh)
-                if layer == 0:
-                    gates = gates + pre
-                h_new, c_new = lstm_cell(gates, cs[layer])
+                h_new, c_new = lstm_cell(plan[layer](xh), cs[layer], pre if layer == 0 else None)
                 new_c.append(c_new)
             else:
                 x_proj, h_proj = plan[layer]

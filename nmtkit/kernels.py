@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.autograd import Function
 
+from nmtkit import native
+
 _DEFER = True  # switched off only to compare with plain autograd (tests, benchmarks)
 _ONEDNN = os.environ.get("NMTKIT_ONEDNN", "1") != "0"  # 0: fp32 matmuls as torch does them (MKL)
 
@@ -658,19 +660,45 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(x * 2).mul(2).sub_(1)
 
 
-def lstm_cell(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.nn.LSTMCell's pointwise part, in fp32: gates (B, 4H) in order i, f, g, o; c (B, H)
-    -> (h', c'), where
+def lstm_cell(gates: torch.Tensor, c: torch.Tensor, extra: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.nn.LSTMCell's pointwise part, in fp32: gates (B, 4H) in order i, f, g, o, plus
+    ``extra`` (B, 4H) if given (a step's precomputed input projection); c (B, H) -> (h', c'), where
 
         c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c'),
 
-    with tanh(g) = 2σ(2g) − 1 so that one sigmoid covers all four gates. With gradients it keeps
-    only σ(gates) (B, 4H) besides c and c' (``_LSTMCell``), not autograd's seven (B, H) tensors.
+    On the CPU in fp32 one pass of fused C forward and one backward (``nmtkit.native``, keeping
+    σ(i), σ(f), tanh(g), σ(o) besides c and c'); otherwise PyTorch ops with tanh(g) = 2σ(2g) − 1,
+    so that one sigmoid covers all four gates, and a hand-written backward (``_LSTMCell``) that
+    keeps only σ(gates) besides c and c', not autograd's seven (B, H) tensors.
     """
     gates = wide(gates)
-    if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
+    extra = None if extra is None else wide(extra)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gates, extra, c))
+    if native.applies(*(t for t in (gates, extra, c) if t is not None)):
+        return _NativeLSTMCell.apply(gates, extra, c) if grad else native.lstm_forward(gates, extra, c)[:2]
+    if extra is not None:
+        gates = gates + extra
+    if grad:
         return _LSTMCell.apply(gates, c)
     return _lstm_pointwise(gates, c)[:2]
+
+
+class _NativeLSTMCell(Function):
+    """``lstm_cell`` through the fused C kernels (the equations: nmtkit/native.c)."""
+
+    @staticmethod
+    def forward(ctx, gates, extra, c):
+        ctx.set_materialize_grads(False)  # an output no gradient reached stays None, not zeros
+        h_new, c_new, s = native.lstm_forward(gates, extra, c)
+        ctx.save_for_backward(s, c, c_new)
+        return h_new, c_new
+
+    @staticmethod
+    def backward(ctx, dh, dc):
+        s, c, c_new = ctx.saved_tensors
+        d_gates, d_c = native.lstm_backward(dh, dc, s, c, c_new)  # ∂/∂(gates + extra): the same for both
+        return d_gates, (d_gates if ctx.needs_input_grad[1] else None), d_c
 
 
 def _lstm_pointwise(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -825,8 +853,11 @@ def lstm_sequence(rnn: torch.nn.LSTM, x: torch.Tensor, lengths: torch.Tensor
         c = torch.zeros_like(h)
         outs = []
         for t in range(S):
-            gates = steps[t] if t == 0 else recur(h) + steps[t]  # h_0 = 0
-            h_new, c_new = lstm_cell(gates.view(D * B, 4 * H), c.view(D * B, H))
+            pre = steps[t].view(D * B, 4 * H)
+            if t == 0:  # h_0 = 0
+                h_new, c_new = lstm_cell(pre, c.view(D * B, H))
+            else:
+                h_new, c_new = lstm_cell(recur(h).view(D * B, 4 * H), c.view(D * B, H), pre)
             h_new, c_new = h_new.view(D, B, H), c_new.view(D, B, H)
             if t >= first_ragged:
                 keep = valid[:, t].view(1, B, 1)

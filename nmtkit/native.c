@@ -1,0 +1,91 @@
+/* Fused pointwise kernels for the recurrent step loops (nmtkit/native.py builds and loads this
+ * file; every function computes what the PyTorch expression named in its comment computes, and
+ * tests/test_native.py checks it against that expression).
+ *
+ * Arrays are fp32, row-major; an "ld" argument is the distance in floats between the starts of
+ * two consecutive rows, so that a row slice of a larger tensor needs no copy. Rows are split
+ * among the calling process's OpenMP threads (the same libgomp pool torch uses) when there are
+ * enough elements for that to pay.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define PARALLEL_MIN_ELEMENTS 16384
+
+/* exp(x) for x clamped to [-80, 80], written out so that the loops below vectorize (libm's expf
+ * is a call per element): x = k ln2 + r with k = round(x / ln2) and |r| <= ln2/2 (Cody-Waite, ln2
+ * split in two parts), e^r by its Taylor series to r^7 (truncation < 1.2e-8 relative), 2^k from the
+ * exponent bits. Within 1.3 ulp of exp over the whole range (tests/test_native.py). The clamp keeps
+ * every result normal (no denormal slow paths): sigmoid and tanh below then differ from exact by
+ * at most 2e-35 where it acts. A NaN gives a NaN. */
+static inline float exp_clamped(float x) {
+    float v = x < -80.0f ? -80.0f : x;
+    v = v > 80.0f ? 80.0f : v;
+    int32_t k = (int32_t)(v * 1.44269504088896341f + 200.5f) - 200; /* round(v / ln2): the sum is > 0 */
+    float r = (v - (float)k * 0.693145751953125f) - (float)k * 1.428606765330187e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    union { int32_t i; float f; } two_k = {.i = (k + 127) << 23};
+    return p * two_k.f;
+}
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
+/* tanh(x) = 2σ(2x) − 1 (absolute error ≤ 2.4e-7, as nmtkit.kernels.tanh) */
+static inline float tanh_by_sigmoid(float x) { return 2.0f / (1.0f + exp_clamped(-2.0f * x)) - 1.0f; }
+
+/* LSTM cell, torch.nn.LSTMCell's pointwise part (Hochreiter & Schmidhuber 1997; gates i, f, g, o):
+ *   a = gates + extra (extra optional, e.g. the step's precomputed input projection)
+ *   c' = σ(a_f) ⊙ c + σ(a_i) ⊙ tanh(a_g),  h' = σ(a_o) ⊙ tanh(c')
+ * Writes h' and c' (n, H) and, for the backward, s = (σ(a_i), σ(a_f), tanh(a_g), σ(a_o)) (n, 4H). */
+void nmt_lstm_forward(int64_t n, int64_t H, const float *gates, int64_t gates_ld, const float *extra,
+                      int64_t extra_ld, const float *c, int64_t c_ld, float *h_out, float *c_out,
+                      float *s_out, int threads) {
+#pragma omp parallel for num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const float *a = gates + r * gates_ld;
+        const float *e = extra ? extra + r * extra_ld : 0;
+        const float *cr = c + r * c_ld;
+        float *s = s_out + r * 4 * H, *hr = h_out + r * H, *cn = c_out + r * H;
+        if (e) {
+#pragma omp simd
+            for (int64_t j = 0; j < 4 * H; j++) s[j] = a[j] + e[j];
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < 4 * H; j++) s[j] = a[j];
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            float i = sigmoidf(s[j]), f = sigmoidf(s[H + j]), g = tanh_by_sigmoid(s[2 * H + j]),
+                  o = sigmoidf(s[3 * H + j]);
+            float cc = f * cr[j] + i * g;
+            cn[j] = cc;
+            hr[j] = o * tanh_by_sigmoid(cc);
+            s[j] = i, s[H + j] = f, s[2 * H + j] = g, s[3 * H + j] = o;
+        }
+    }
+}
+
+/* Its backward. With t = tanh(c') and dc̃ = dc' + dh' ⊙ σ(a_o) ⊙ (1 − t²):
+ *   d a = (dc̃ ⊙ tanh(a_g) ⊙ σ'(a_i), dc̃ ⊙ c ⊙ σ'(a_f), dc̃ ⊙ σ(a_i) ⊙ (1 − tanh²(a_g)), dh' ⊙ t ⊙ σ'(a_o)),
+ *   dc = dc̃ ⊙ σ(a_f),  σ' = σ (1 − σ).
+ */
+void nmt_lstm_backward(int64_t n, int64_t H, const float *dh, int64_t dh_ld, const float *dc,
+                       int64_t dc_ld, const float *s_in, const float *c, int64_t c_ld,
+                       const float *c_new, float *d_gates, float *d_c, int threads) {
+#pragma omp parallel for num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const float *s = s_in + r * 4 * H, *cr = c + r * c_ld, *cn = c_new + r * H;
+        const float *dhr = dh + r * dh_ld, *dcr = dc + r * dc_ld;
+        float *d = d_gates + r * 4 * H, *dcp = d_c + r * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            float i = s[j], f = s[H + j], g = s[2 * H + j], o = s[3 * H + j];
+            float t = tanh_by_sigmoid(cn[j]);
+            float dhv = dhr[j];
+            float dct = dcr[j] + dhv * o * (1.0f - t * t);
+            d[j] = dct * g * i * (1.0f - i);
+            d[H + j] = dct * cr[j] * f * (1.0f - f);
+            d[2 * H + j] = dct * i * (1.0f - g * g);
+            d[3 * H + j] = dhv * t * o * (1.0f - o);
+            dcp[j] = dct * f;
+        }
+    }
+}

@@ -1,0 +1,135 @@
+"""nmtkit.native: the fused C kernels compute the LSTM cell's equations (values and gradients,
+saturated gates included), are what training and translation use where a compiler exists, and
+everything still works, with the same numbers, where they cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nmtkit import kernels, native
+
+needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C compiler: the kernels cannot be built")
+
+
+def lstm_reference(gates: torch.Tensor, extra: torch.Tensor | None, c: torch.Tensor):
+    """The cell's equations in fp64 autograd: a = gates + extra; c' = σ(f) c + σ(i) tanh(g); h' = σ(o) tanh(c')."""
+    a = gates if extra is None else gates + extra
+    i, f, g, o = a.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+
+def test_a_machine_with_a_compiler_gets_the_kernels():
+    """CI and developers' machines have cc: there the fast path must really be on."""
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.library() is not None
+        assert native.library_path().exists()
+
+
+@needs_compiler
+@pytest.mark.parametrize("scale", [0.5, 4.0, 60.0, 300.0])  # 60, 300: saturated gates, the exp clamp acts
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_fused_lstm_cell_equals_the_equations(scale, with_extra):
+    torch.manual_seed(0)
+    n, H = 37, 24  # rows not a multiple of anything; H not a multiple of the vector width
+    wide = torch.randn(n, 6 * H) * scale  # gates as a row slice of a wider tensor: row stride 6H
+    gates = wide[:, H:5 * H]
+    extra = torch.randn(n, 4 * H) * scale if with_extra else None
+    c_big = torch.randn(n, 2, H) * 3  # c as one layer of (n, L, H): row stride 2H
+    c = c_big[:, 1]
+    h_new, c_new, s = native.lstm_forward(gates, extra, c)
+    want_h, want_c = lstm_reference(gates.double(), None if extra is None else extra.double(), c.double())
+    torch.testing.assert_close(h_new.double(), want_h, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_new.double(), want_c, atol=2e-6 * (1 + want_c.abs().max().item()), rtol=1e-6)
+
+    dh, dc = torch.randn(n, H), torch.randn(n, H)
+    d_gates, d_c = native.lstm_backward(dh, dc, s, c, c_new)
+    g64 = gates.double().requires_grad_()
+    c64 = c.double().requires_grad_()
+    h64, cn64 = lstm_reference(g64, None if extra is None else extra.double(), c64)
+    want_dg, want_dc = torch.autograd.grad((h64 * dh.double()).sum() + (cn64 * dc.double()).sum(), (g64, c64))
+    torch.testing.assert_close(d_gates.double(), want_dg, atol=5e-6, rtol=0)
+    torch.testing.assert_close(d_c.double(), want_dc, atol=5e-6, rtol=0)
+
+
+@needs_compiler
+def test_fused_lstm_cell_autograd_matches_the_pytorch_path():
+    """kernels.lstm_cell through the C kernels == through PyTorch ops (_LSTMCell), values and
+    gradients of all three inputs, also when one output gets no gradient."""
+    torch.manual_seed(1)
+    gates = (torch.randn(16, 4 * 8) * 3).requires_grad_()
+    extra = torch.randn(16, 4 * 8).requires_grad_()
+    c = torch.randn(16, 8).requires_grad_()
+    h, c_new = kernels.lstm_cell(gates, c, extra)
+    assert c_new.grad_fn is not None and "Native" in type(c_new.grad_fn).__name__
+    up = torch.randn_like(h)
+    got = torch.autograd.grad((h * up).sum() + c_new.sum(), (gates, extra, c))
+    want_h, want_c = kernels._LSTMCell.apply(gates + extra, c)
+    torch.testing.assert_close(h, want_h, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c_new, want_c, atol=1e-6, rtol=0)
+    want = torch.autograd.grad((want_h * up).sum() + want_c.sum(), (gates, extra, c))
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want, atol=2e-6, rtol=0)
+    only_h = torch.autograd.grad(kernels.lstm_cell(gates, c)[0].sum(), c)[0]  # c' unused: dc' is None
+    torch.testing.assert_close(only_h, torch.autograd.grad(kernels._LSTMCell.apply(gates, c)[0].sum(), c)[0],
+                               atol=2e-6, rtol=0)
+
+
+@needs_compiler
+def test_nan_gates_give_nan_like_pytorch():
+    gates = torch.zeros(2, 4 * 3)
+    gates[1, 0] = float("nan")
+    h, c_new, _ = native.lstm_forward(gates, None, torch.zeros(2, 3))
+    assert torch.isfinite(h[0]).all() and torch.isnan(h[1, 0]) and torch.isnan(c_new[1, 0])
+
+
+@needs_compiler
+def test_training_and_translation_steps_use_the_kernels(monkeypatch):
+    """The decoder's step (layer 0 with its precomputed input) and the training encoder go through them."""
+    from nmtkit.config import ModelConfig
+    from nmtkit.model import build_model
+
+    calls = []
+    forward = native.lstm_forward
+    monkeypatch.setattr(native, "lstm_forward", lambda *a: calls.append(a[1] is not None) or forward(*a))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="birnn", decoder="luong", attention="luong-general", rnn="lstm",
+                                    layers=2, hidden_size=8, embed_size=5, dropout=0.0, src_vocab_size=20,
+                                    tgt_vocab_size=20))
+    src, lengths = torch.randint(4, 20, (3, 5)), torch.tensor([5, 4, 2])
+    tgt = torch.randint(4, 20, (3, 6))
+    loss, _ = model(src, lengths, tgt, tgt)
+    loss.backward()
+    assert len(calls) > 10 and any(calls) and not all(calls)  # with and without the fused extra input
+    calls.clear()
+    with torch.no_grad():
+        model.eval()
+        model.step(model.encode(src, lengths), tgt[:, 0], 1)
+    assert calls
+
+
+def test_without_a_compiler_everything_falls_back(tmp_path):
+    """No compiler: one line on stderr, library() None, and lstm_cell gives the same numbers
+    through PyTorch ops."""
+    code = (
+        "import torch; from nmtkit import native, kernels\n"
+        "assert native.library() is None\n"
+        "torch.manual_seed(0); g = torch.randn(4, 8, requires_grad=True); c = torch.randn(4, 2)\n"
+        "h, cn = kernels.lstm_cell(g, c); h.sum().backward()\n"
+        "print(float(h.detach().sum()), float(g.grad.abs().sum()))\n"
+    )
+    env_base = {"PATH": "/usr/bin:/bin", "NMTKIT_CACHE": str(tmp_path)}
+    broken = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**env_base, "CC": str(tmp_path / "no-such-cc")})
+    assert broken.returncode == 0, broken.stderr
+    assert "fused C kernels unavailable" in broken.stderr and broken.stderr.count("\n") == 1
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env_base, "NMTKIT_NATIVE": "0"})
+    assert off.returncode == 0 and off.stderr == ""
+    assert off.stdout == broken.stdout
+    assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
