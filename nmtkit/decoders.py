@@ -188,10 +188,10 @@ class StackedRNN(nn.Module):
                 new_c.append(c_new)
             else:
                 x_proj, h_proj = plan[layer]
-                x_gates = pre if layer == 0 else 0
-                if x_proj is not None:
-                    x_gates = x_proj(x) + x_gates
-                h_new = gru_cell(x_gates, h_proj(h_l), h_l)
+                if x_proj is None:  # layer 0 without an extra input: the embedding's projection alone
+                    h_new = gru_cell(pre, h_proj(h_l), h_l)
+                else:
+                    h_new = gru_cell(x_proj(x), h_proj(h_l), h_l, pre if layer == 0 else None)
             new_h.append(h_new)
         return torch.stack(new_h, 1), (torch.stack(new_c, 1) if self.lstm else None)
 

@@ -744,14 +744,41 @@ def _gate_scale(H: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return scale.view(-1)
 
 
-def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """torch.nn.GRUCell's pointwise part, in fp32: r, z = σ(x_r + h_r), σ(x_z + h_z);
-    n = tanh(x_n + r ⊙ h_n); h' = (1 − z) ⊙ n + z ⊙ h."""
-    xr, xz, xn = wide(x_gates).chunk(3, dim=1)
-    hr, hz, hn = wide(h_gates).chunk(3, dim=1)
+def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor, extra: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """torch.nn.GRUCell's pointwise part, in fp32, with x = x_gates (+ ``extra``, a step's
+    precomputed input projection): r, z = σ(x_r + h_r), σ(x_z + h_z); n = tanh(x_n + r ⊙ h_n);
+    h' = (1 − z) ⊙ n + z ⊙ h. On the CPU in fp32 one fused C pass forward and one backward
+    (``nmtkit.native``); otherwise PyTorch ops under autograd."""
+    x_gates, h_gates = wide(x_gates), wide(h_gates)
+    extra = None if extra is None else wide(extra)
+    if native.applies(*(t for t in (x_gates, extra, h_gates, h) if t is not None)):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_gates, extra, h_gates, h)):
+            return _NativeGRUCell.apply(x_gates, extra, h_gates, h)
+        return native.gru_forward(x_gates, extra, h_gates, h)[0]
+    if extra is not None:
+        x_gates = x_gates + extra
+    xr, xz, xn = x_gates.chunk(3, dim=1)
+    hr, hz, hn = h_gates.chunk(3, dim=1)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
     n = tanh(torch.addcmul(xn, r, hn))
     return torch.lerp(n, h, z)
+
+
+class _NativeGRUCell(Function):
+    """``gru_cell`` through the fused C kernels (the equations: nmtkit/native.c)."""
+
+    @staticmethod
+    def forward(ctx, x_gates, extra, h_gates, h):
+        h_new, s = native.gru_forward(x_gates, extra, h_gates, h)
+        ctx.save_for_backward(s, h_gates, h)
+        return h_new
+
+    @staticmethod
+    def backward(ctx, dh):
+        s, h_gates, h = ctx.saved_tensors
+        d_x, d_hg, d_h = native.gru_backward(dh, s, h_gates, h)  # d_x: ∂/∂(x_gates + extra), the same for both
+        return d_x, (d_x if ctx.needs_input_grad[1] else None), d_hg, d_h
 
 
 TOPK_BLOCK = 64

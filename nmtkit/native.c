@@ -89,3 +89,56 @@ void nmt_lstm_backward(int64_t n, int64_t H, const float *dh, int64_t dh_ld, con
         }
     }
 }
+
+/* GRU cell, torch.nn.GRUCell's pointwise part (Cho et al. 2014; gates r, z, n), given the input
+ * projection x (n, 3H) (plus extra, optional) and the hidden projection hg = W_h h + b_h (n, 3H):
+ *   a = x + extra;  r = σ(a_r + hg_r),  z = σ(a_z + hg_z),  ñ = tanh(a_n + r ⊙ hg_n),
+ *   h' = (1 − z) ⊙ ñ + z ⊙ h.
+ * Writes h' (n, H) and, for the backward, s = (r, z, ñ) (n, 3H). */
+void nmt_gru_forward(int64_t n, int64_t H, const float *x, int64_t x_ld, const float *extra, int64_t extra_ld,
+                     const float *hg, int64_t hg_ld, const float *h, int64_t h_ld, float *h_out, float *s_out,
+                     int threads) {
+#pragma omp parallel for num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const float *a = x + r * x_ld, *hr = hg + r * hg_ld, *hp = h + r * h_ld;
+        const float *e = extra ? extra + r * extra_ld : 0;
+        float *s = s_out + r * 3 * H, *ho = h_out + r * H;
+        if (e) {
+#pragma omp simd
+            for (int64_t j = 0; j < 3 * H; j++) s[j] = a[j] + e[j];
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < 3 * H; j++) s[j] = a[j];
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            float rg = sigmoidf(s[j] + hr[j]), z = sigmoidf(s[H + j] + hr[H + j]);
+            float nn = tanh_by_sigmoid(s[2 * H + j] + rg * hr[2 * H + j]);
+            ho[j] = (1.0f - z) * nn + z * hp[j];
+            s[j] = rg, s[H + j] = z, s[2 * H + j] = nn;
+        }
+    }
+}
+
+/* Its backward. With dñ̃ = dh' ⊙ (1 − z) ⊙ (1 − ñ²) (the gradient at ñ's pre-activation):
+ *   d a = d x = (dr̃, dz̃, dñ̃),  d hg = (dr̃, dz̃, dñ̃ ⊙ r),  dh = dh' ⊙ z,
+ *   with dr̃ = dñ̃ ⊙ hg_n ⊙ r (1 − r) and dz̃ = dh' ⊙ (h − ñ) ⊙ z (1 − z). */
+void nmt_gru_backward(int64_t n, int64_t H, const float *dh, int64_t dh_ld, const float *s_in, const float *hg,
+                      int64_t hg_ld, const float *h, int64_t h_ld, float *d_x, float *d_hg, float *d_h,
+                      int threads) {
+#pragma omp parallel for num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const float *s = s_in + r * 3 * H, *hr = hg + r * hg_ld, *hp = h + r * h_ld, *dhr = dh + r * dh_ld;
+        float *dx = d_x + r * 3 * H, *dg = d_hg + r * 3 * H, *dhp = d_h + r * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            float rg = s[j], z = s[H + j], nn = s[2 * H + j], g = dhr[j];
+            float dn = g * (1.0f - z) * (1.0f - nn * nn);
+            float dr = dn * hr[2 * H + j] * rg * (1.0f - rg);
+            float dz = g * (hp[j] - nn) * z * (1.0f - z);
+            dx[j] = dr, dx[H + j] = dz, dx[2 * H + j] = dn;
+            dg[j] = dr, dg[H + j] = dz, dg[2 * H + j] = dn * rg;
+            dhp[j] = g * z;
+        }
+    }
+}

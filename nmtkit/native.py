@@ -1,7 +1,7 @@
 """Fused CPU kernels in C (``native.c`` beside this file), built on first use with the system's
 C compiler and called through ctypes.
 
-Why: in training, an LSTM cell step written as PyTorch ops is a dozen elementwise kernels forward
+Why: in training, an LSTM (or GRU) cell step written as PyTorch ops is a dozen elementwise kernels forward
 and a dozen more backward, each a pass over memory with its own dispatch and thread hand-off;
 the C loop does each direction in one pass (reference model, (64, 2048) gates: forward 124 -> 63 µs,
 backward 311 -> 23 µs; bench/README.md). No PyTorch headers are needed, so the build takes about a
@@ -35,6 +35,8 @@ _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {  # argument types of the C functions
     "nmt_lstm_forward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
     "nmt_lstm_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int],
+    "nmt_gru_forward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _int],
+    "nmt_gru_backward": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
 }
 
 
@@ -136,3 +138,26 @@ def lstm_backward(dh: torch.Tensor | None, dc: torch.Tensor | None, s: torch.Ten
     library().nmt_lstm_backward(n, H, *_rows(dh), *_rows(dc), s.data_ptr(), *_rows(c), c_new.data_ptr(),
                                 d_gates.data_ptr(), d_c.data_ptr(), torch.get_num_threads())
     return d_gates, d_c
+
+
+def gru_forward(x: torch.Tensor, extra: torch.Tensor | None, hg: torch.Tensor, h: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, extra (n, 3H) input projection (extra may be None), hg (n, 3H) hidden projection, h (n, H)
+    fp32 -> h' (n, H) and s (n, 3H) = (r, z, ñ), for ``gru_backward``."""
+    n, H = h.shape
+    h_out, s = h.new_empty(n, H), h.new_empty(n, 3 * H)
+    library().nmt_gru_forward(n, H, *_rows(x), *_rows(extra), *_rows(hg), *_rows(h), h_out.data_ptr(), s.data_ptr(),
+                              torch.get_num_threads())
+    return h_out, s
+
+
+def gru_backward(dh: torch.Tensor, s: torch.Tensor, hg: torch.Tensor, h: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Upstream dh' (n, H) and what ``gru_forward`` read and kept -> d x (n, 3H) (also d extra),
+    d hg (n, 3H), dh (n, H)."""
+    n, H = h.shape
+    dh = _unit_columns(dh)
+    d_x, d_hg, d_h = s.new_empty(n, 3 * H), s.new_empty(n, 3 * H), h.new_empty(n, H)
+    library().nmt_gru_backward(n, H, *_rows(dh), s.data_ptr(), *_rows(hg), *_rows(h), d_x.data_ptr(),
+                               d_hg.data_ptr(), d_h.data_ptr(), torch.get_num_threads())
+    return d_x, d_hg, d_h

@@ -4,6 +4,7 @@ everything still works, with the same numbers, where they cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,65 @@ def test_fused_lstm_cell_equals_the_equations(scale, with_extra):
     want_dg, want_dc = torch.autograd.grad((h64 * dh.double()).sum() + (cn64 * dc.double()).sum(), (g64, c64))
     torch.testing.assert_close(d_gates.double(), want_dg, atol=5e-6, rtol=0)
     torch.testing.assert_close(d_c.double(), want_dc, atol=5e-6, rtol=0)
+
+
+def gru_reference(x, extra, hg, h):
+    """torch.nn.GRUCell's equations in fp64: r, z = σ(a_r + hg_r), σ(a_z + hg_z), a = x + extra;
+    n = tanh(a_n + r hg_n); h' = (1 − z) n + z h."""
+    a = x if extra is None else x + extra
+    ar, az, an = a.chunk(3, dim=1)
+    hr, hz, hn = hg.chunk(3, dim=1)
+    r, z = torch.sigmoid(ar + hr), torch.sigmoid(az + hz)
+    n = torch.tanh(an + r * hn)
+    return (1 - z) * n + z * h
+
+
+@needs_compiler
+@pytest.mark.parametrize("scale", [0.5, 4.0, 300.0])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_fused_gru_cell_equals_the_equations(scale, with_extra):
+    torch.manual_seed(2)
+    n, H = 29, 20
+    x = (torch.randn(n, 5 * H) * scale)[:, H:4 * H]  # row stride 5H
+    extra = torch.randn(n, 3 * H) * scale if with_extra else None
+    hg = torch.randn(n, 3 * H) * scale
+    h = (torch.randn(n, 2, H))[:, 0]  # row stride 2H
+    ins = [x.double().requires_grad_(), None if extra is None else extra.double().requires_grad_(),
+           hg.double().requires_grad_(), h.double().requires_grad_()]
+    want = gru_reference(*ins)
+    got, s = native.gru_forward(x, extra, hg, h)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+    dh = torch.randn(n, H)
+    d_x, d_hg, d_h = native.gru_backward(dh, s, hg, h)
+    wants = torch.autograd.grad((want * dh.double()).sum(), [t for t in ins if t is not None])
+    for g_got, g_want in zip((d_x,) + ((d_x,) if with_extra else ()) + (d_hg, d_h), wants):
+        torch.testing.assert_close(g_got.double(), g_want, atol=5e-6, rtol=0)
+
+
+@needs_compiler
+def test_fused_gru_cell_autograd_matches_the_pytorch_path():
+    torch.manual_seed(3)
+    ins = [torch.randn(8, 3 * 6).requires_grad_() for _ in range(3)] + [torch.randn(8, 6).requires_grad_()]
+    got = kernels.gru_cell(ins[0], ins[2], ins[3], ins[1])
+    assert "Native" in type(got.grad_fn).__name__
+    up = torch.randn_like(got)
+    grads = torch.autograd.grad((got * up).sum(), ins)
+    with native_off():
+        want = kernels.gru_cell(ins[0], ins[2], ins[3], ins[1])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for g_got, g_want in zip(grads, torch.autograd.grad((want * up).sum(), ins)):
+        torch.testing.assert_close(g_got, g_want, atol=2e-6, rtol=0)
+
+
+@contextlib.contextmanager
+def native_off():
+    """kernels' PyTorch path: native.applies answers False within the block."""
+    applies = native.applies
+    native.applies = lambda *tensors: False
+    try:
+        yield
+    finally:
+        native.applies = applies
 
 
 @needs_compiler
@@ -111,6 +171,24 @@ def test_training_and_translation_steps_use_the_kernels(monkeypatch):
         model.eval()
         model.step(model.encode(src, lengths), tgt[:, 0], 1)
     assert calls
+
+
+@needs_compiler
+def test_gru_decoder_steps_use_the_kernels(monkeypatch):
+    from nmtkit.config import ModelConfig
+    from nmtkit.model import build_model
+
+    calls = []
+    forward = native.gru_forward
+    monkeypatch.setattr(native, "gru_forward", lambda *a: calls.append(a[1] is not None) or forward(*a))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="birnn", decoder="bahdanau", attention="bahdanau", rnn="gru",
+                                    layers=2, hidden_size=8, embed_size=5, dropout=0.0, src_vocab_size=20,
+                                    tgt_vocab_size=20, maxout_size=3))
+    src, lengths = torch.randint(4, 20, (3, 5)), torch.tensor([5, 4, 2])
+    tgt = torch.randint(4, 20, (3, 6))
+    model(src, lengths, tgt, tgt)[0].backward()
+    assert len(calls) == 2 * 6 and calls.count(True) == 6  # layer 0 adds the embedding's projection
 
 
 def test_without_a_compiler_everything_falls_back(tmp_path):
