@@ -31,6 +31,17 @@ static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_clamped(-x)); 
 /* tanh(x) = 2σ(2x) − 1 (absolute error ≤ 2.4e-7, as nmtkit.kernels.tanh) */
 static inline float tanh_by_sigmoid(float x) { return 2.0f / (1.0f + exp_clamped(-2.0f * x)) - 1.0f; }
 
+/* s = a + e over one row of m gates (e may be NULL: s = a). */
+static inline void sum_row(const float *a, const float *e, float *s, int64_t m) {
+    if (e) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) s[j] = a[j] + e[j];
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) s[j] = a[j];
+    }
+}
+
 /* LSTM cell, torch.nn.LSTMCell's pointwise part (Hochreiter & Schmidhuber 1997; gates i, f, g, o):
  *   a = gates + extra (extra optional, e.g. the step's precomputed input projection)
  *   c' = σ(a_f) ⊙ c + σ(a_i) ⊙ tanh(a_g),  h' = σ(a_o) ⊙ tanh(c')
@@ -44,13 +55,7 @@ void nmt_lstm_forward(int64_t n, int64_t H, const float *gates, int64_t gates_ld
         const float *e = extra ? extra + r * extra_ld : 0;
         const float *cr = c + r * c_ld;
         float *s = s_out + r * 4 * H, *hr = h_out + r * H, *cn = c_out + r * H;
-        if (e) {
-#pragma omp simd
-            for (int64_t j = 0; j < 4 * H; j++) s[j] = a[j] + e[j];
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < 4 * H; j++) s[j] = a[j];
-        }
+        sum_row(a, e, s, 4 * H);
 #pragma omp simd
         for (int64_t j = 0; j < H; j++) {
             float i = sigmoidf(s[j]), f = sigmoidf(s[H + j]), g = tanh_by_sigmoid(s[2 * H + j]),
@@ -103,13 +108,7 @@ void nmt_gru_forward(int64_t n, int64_t H, const float *x, int64_t x_ld, const f
         const float *a = x + r * x_ld, *hr = hg + r * hg_ld, *hp = h + r * h_ld;
         const float *e = extra ? extra + r * extra_ld : 0;
         float *s = s_out + r * 3 * H, *ho = h_out + r * H;
-        if (e) {
-#pragma omp simd
-            for (int64_t j = 0; j < 3 * H; j++) s[j] = a[j] + e[j];
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < 3 * H; j++) s[j] = a[j];
-        }
+        sum_row(a, e, s, 3 * H);
 #pragma omp simd
         for (int64_t j = 0; j < H; j++) {
             float rg = sigmoidf(s[j] + hr[j]), z = sigmoidf(s[H + j] + hr[H + j]);

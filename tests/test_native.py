@@ -148,46 +148,43 @@ def test_nan_gates_give_nan_like_pytorch():
     assert torch.isfinite(h[0]).all() and torch.isnan(h[1, 0]) and torch.isnan(c_new[1, 0])
 
 
-@needs_compiler
-def test_training_and_translation_steps_use_the_kernels(monkeypatch):
-    """The decoder's step (layer 0 with its precomputed input) and the training encoder go through them."""
+SRC, LENGTHS = torch.randint(4, 20, (3, 5)), torch.tensor([5, 4, 2])
+TGT = torch.randint(4, 20, (3, 6))
+
+
+def trained_with_counted_calls(monkeypatch, kernel: str, **model):
+    """One training step of a small 2-layer fp32 model, counting the calls of ``native.<kernel>``
+    -> (model, calls: per call, whether a precomputed extra input was fused in)."""
     from nmtkit.config import ModelConfig
     from nmtkit.model import build_model
 
     calls = []
-    forward = native.lstm_forward
-    monkeypatch.setattr(native, "lstm_forward", lambda *a: calls.append(a[1] is not None) or forward(*a))
+    forward = getattr(native, kernel)
+    monkeypatch.setattr(native, kernel, lambda *a: calls.append(a[1] is not None) or forward(*a))
     torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder="birnn", decoder="luong", attention="luong-general", rnn="lstm",
-                                    layers=2, hidden_size=8, embed_size=5, dropout=0.0, src_vocab_size=20,
-                                    tgt_vocab_size=20))
-    src, lengths = torch.randint(4, 20, (3, 5)), torch.tensor([5, 4, 2])
-    tgt = torch.randint(4, 20, (3, 6))
-    loss, _ = model(src, lengths, tgt, tgt)
-    loss.backward()
+    net = build_model(ModelConfig(encoder="birnn", layers=2, hidden_size=8, embed_size=5, dropout=0.0,
+                                  src_vocab_size=20, tgt_vocab_size=20, **model))
+    net(SRC, LENGTHS, TGT, TGT)[0].backward()
+    return net, calls
+
+
+@needs_compiler
+def test_training_and_translation_steps_use_the_kernels(monkeypatch):
+    """The decoder's step (layer 0 with its precomputed input) and the training encoder go through them."""
+    model, calls = trained_with_counted_calls(monkeypatch, "lstm_forward", decoder="luong",
+                                              attention="luong-general", rnn="lstm")
     assert len(calls) > 10 and any(calls) and not all(calls)  # with and without the fused extra input
     calls.clear()
     with torch.no_grad():
         model.eval()
-        model.step(model.encode(src, lengths), tgt[:, 0], 1)
+        model.step(model.encode(SRC, LENGTHS), TGT[:, 0], 1)
     assert calls
 
 
 @needs_compiler
 def test_gru_decoder_steps_use_the_kernels(monkeypatch):
-    from nmtkit.config import ModelConfig
-    from nmtkit.model import build_model
-
-    calls = []
-    forward = native.gru_forward
-    monkeypatch.setattr(native, "gru_forward", lambda *a: calls.append(a[1] is not None) or forward(*a))
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(encoder="birnn", decoder="bahdanau", attention="bahdanau", rnn="gru",
-                                    layers=2, hidden_size=8, embed_size=5, dropout=0.0, src_vocab_size=20,
-                                    tgt_vocab_size=20, maxout_size=3))
-    src, lengths = torch.randint(4, 20, (3, 5)), torch.tensor([5, 4, 2])
-    tgt = torch.randint(4, 20, (3, 6))
-    model(src, lengths, tgt, tgt)[0].backward()
+    _, calls = trained_with_counted_calls(monkeypatch, "gru_forward", decoder="bahdanau", attention="bahdanau",
+                                          rnn="gru", maxout_size=3)
     assert len(calls) == 2 * 6 and calls.count(True) == 6  # layer 0 adds the embedding's projection
 
 
