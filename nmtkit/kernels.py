@@ -675,7 +675,7 @@ def lstm_cell(gates: torch.Tensor, c: torch.Tensor, extra: torch.Tensor | None =
     gates = wide(gates)
     extra = None if extra is None else wide(extra)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gates, extra, c))
-    if native.applies(*(t for t in (gates, extra, c) if t is not None)):
+    if native.applies(gates, extra, c):
         return _NativeLSTMCell.apply(gates, extra, c) if grad else native.lstm_forward(gates, extra, c)[:2]
     if extra is not None:
         gates = gates + extra
@@ -752,7 +752,7 @@ def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor, extr
     (``nmtkit.native``); otherwise PyTorch ops under autograd."""
     x_gates, h_gates = wide(x_gates), wide(h_gates)
     extra = None if extra is None else wide(extra)
-    if native.applies(*(t for t in (x_gates, extra, h_gates, h) if t is not None)):
+    if native.applies(x_gates, extra, h_gates, h):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_gates, extra, h_gates, h)):
             return _NativeGRUCell.apply(x_gates, extra, h_gates, h)
         return native.gru_forward(x_gates, extra, h_gates, h)[0]

@@ -3,9 +3,9 @@ C compiler and called through ctypes.
 
 Why: in training, an LSTM (or GRU) cell step written as PyTorch ops is a dozen elementwise kernels forward
 and a dozen more backward, each a pass over memory with its own dispatch and thread hand-off;
-the C loop does each direction in one pass (reference model, (64, 2048) gates: forward 124 -> 63 µs,
-backward 311 -> 23 µs; bench/README.md). No PyTorch headers are needed, so the build takes about a
-second, once per machine: the library is cached under ``$NMTKIT_CACHE`` (default
+the C loop does each direction in one pass (reference model, (64, 2048) LSTM gates: forward +
+backward ~435 -> ~70 µs; bench/README.md). No PyTorch headers are needed, so the build takes
+~0.2 s, once per machine: the library is cached under ``$NMTKIT_CACHE`` (default
 ``~/.cache/nmtkit``), keyed by the source and the CPU (it is built for the CPU it runs on).
 
 Where there is no compiler, the build fails or ``NMTKIT_NATIVE=0`` is set, ``library()`` is None
@@ -102,10 +102,11 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
-def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the C kernels take these tensors: fp32 on the CPU, unit stride along the last dim."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1
-               for t in tensors) and library() is not None
+def applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether the C kernels take these tensors (None: an absent optional input): fp32 on the CPU,
+    2-D, unit stride along the last dim."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2
+                             and t.stride(1) == 1) for t in tensors) and library() is not None
 
 
 def _rows(t: torch.Tensor | None) -> tuple[int | None, int]:
@@ -113,8 +114,8 @@ def _rows(t: torch.Tensor | None) -> tuple[int | None, int]:
     return (None, 0) if t is None else (t.data_ptr(), t.stride(0))
 
 
-def _unit_columns(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t if t is None or (t.dim() == 2 and t.stride(1) == 1) else t.contiguous()
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(1) == 1 else t.contiguous()
 
 
 def lstm_forward(gates: torch.Tensor, extra: torch.Tensor | None, c: torch.Tensor
