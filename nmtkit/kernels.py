@@ -667,38 +667,42 @@ def lstm_cell(gates: torch.Tensor, c: torch.Tensor, extra: torch.Tensor | None =
 
         c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g),  h' = σ(o) ⊙ tanh(c'),
 
-    On the CPU in fp32 one pass of fused C forward and one backward (``nmtkit.native``, keeping
-    σ(i), σ(f), tanh(g), σ(o) besides c and c'); otherwise PyTorch ops with tanh(g) = 2σ(2g) − 1,
-    so that one sigmoid covers all four gates, and a hand-written backward (``_LSTMCell``) that
-    keeps only σ(gates) besides c and c', not autograd's seven (B, H) tensors.
+    On the CPU one pass of fused C forward and one backward (``nmtkit.native``, keeping σ(i), σ(f),
+    tanh(g), σ(o) besides c and c'), reading fp32 or bf16 gates (the step products' output under
+    autocast) and giving their gradient back in the same dtype, so no casts run around the cell;
+    otherwise PyTorch ops in fp32 with tanh(g) = 2σ(2g) − 1, so that one sigmoid covers all four
+    gates, and a hand-written backward (``_LSTMCell``) that keeps only σ(gates) besides c and c',
+    not autograd's seven (B, H) tensors.
     """
-    gates = wide(gates)
-    extra = None if extra is None else wide(extra)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gates, extra, c))
-    if native.applies(gates, extra, c):
+    if native.applies(gates, extra, dtypes=native.EITHER) and native.applies(c):
         return _NativeLSTMCell.apply(gates, extra, c) if grad else native.lstm_forward(gates, extra, c)[:2]
-    if extra is not None:
-        gates = gates + extra
+    gates = wide(gates) if extra is None else wide(gates) + wide(extra)
     if grad:
         return _LSTMCell.apply(gates, c)
     return _lstm_pointwise(gates, c)[:2]
 
 
 class _NativeLSTMCell(Function):
-    """``lstm_cell`` through the fused C kernels (the equations: nmtkit/native.c)."""
+    """``lstm_cell`` through the fused C kernels (the equations: nmtkit/native.c). The gradient of
+    gates and extra, ∂/∂(gates + extra), is one tensor: made in bf16 when both inputs are bf16,
+    else in fp32 (and cast for a bf16 one)."""
 
     @staticmethod
     def forward(ctx, gates, extra, c):
         ctx.set_materialize_grads(False)  # an output no gradient reached stays None, not zeros
         h_new, c_new, s = native.lstm_forward(gates, extra, c)
         ctx.save_for_backward(s, c, c_new)
+        ctx.dtypes = gates.dtype, None if extra is None else extra.dtype
         return h_new, c_new
 
     @staticmethod
     def backward(ctx, dh, dc):
         s, c, c_new = ctx.saved_tensors
-        d_gates, d_c = native.lstm_backward(dh, dc, s, c, c_new)  # ∂/∂(gates + extra): the same for both
-        return d_gates, (d_gates if ctx.needs_input_grad[1] else None), d_c
+        dtypes = {t for t in ctx.dtypes if t is not None}
+        d_gates, d_c = native.lstm_backward(dh, dc, s, c, c_new, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        d_extra = d_gates.to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return d_gates.to(ctx.dtypes[0]), d_extra, d_c
 
 
 def _lstm_pointwise(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from torch import nn
 import nmtkit.attention  # noqa: F401  (registers scores and windows)
 import nmtkit.decoders  # noqa: F401  (registers decoders)
 import nmtkit.encoders  # noqa: F401  (registers encoders)
+from nmtkit import native
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
@@ -199,27 +200,38 @@ class _GeneratorNLL(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, n, rows):
                 e = min(s + rows, n)
-                z = linear(hc[s:e], w, b).to(acc)  # (C, V) logits
-                z_max = z.amax(dim=1, keepdim=True)  # (C, 1)
-                z_y = z.gather(1, target[s:e].unsqueeze(1))  # (C, 1)
-                z_mean = z.mean(dim=1, keepdim=True) if smoothing else None  # (C, 1)
-                p = z.sub_(z_max).exp_()  # (C, V) exp(z − max), in place of z: no (C, V) temporary
-                total = p.sum(dim=1, keepdim=True)  # (C, 1)
-                lse = z_max + total.log()  # (C, 1) log Σ_v exp z_v
-                nll += (lse - z_y).sum()
-                if smoothing:
-                    uniform += (lse - z_mean).sum()
+                z = linear(hc[s:e], w, b)  # (C, V) logits
+                if acc == torch.float32 and native.applies(z, dtypes=native.EITHER):
+                    # one C pass per row: the row's max, log-sum-exp, softmax and column sums
+                    if need_grad and p_sum is None:
+                        p_sum = torch.zeros(v, dtype=acc, device=h.device)
+                    nll_rows, uni_rows, pc = native.softmax_xent(z, target[s:e], smoothing, dtype if need_grad else None,
+                                                                 p_sum if need_grad else None)
+                    nll += nll_rows.sum()
+                    if smoothing:
+                        uniform += uni_rows.sum()
+                else:
+                    z = z.to(acc)
+                    z_max = z.amax(dim=1, keepdim=True)  # (C, 1)
+                    z_y = z.gather(1, target[s:e].unsqueeze(1))  # (C, 1)
+                    z_mean = z.mean(dim=1, keepdim=True) if smoothing else None  # (C, 1)
+                    p = z.sub_(z_max).exp_()  # (C, V) exp(z − max), in place of z: no (C, V) temporary
+                    total = p.sum(dim=1, keepdim=True)  # (C, 1)
+                    lse = z_max + total.log()  # (C, 1) log Σ_v exp z_v
+                    nll += (lse - z_y).sum()
+                    if smoothing:
+                        uniform += (lse - z_mean).sum()
+                    if need_grad:
+                        pc = p.div_(total).to(dtype)  # (C, V) softmax
+                        p_sum = p.sum(dim=0) if p_sum is None else p_sum.add_(p.sum(dim=0))
                 if need_grad:
-                    pc = p.div_(total).to(dtype)  # (C, V) softmax
                     p_w[s:e] = linear(pc, w.t())  # p W
                     if p_h is None:
-                        p_h, p_sum = rows_product(pc, hc[s:e]).to(acc), p.sum(dim=0)
+                        p_h = rows_product(pc, hc[s:e]).to(acc)
+                    elif pc.dtype == acc:  # accumulated in place: no (V, H) temporary
+                        p_h.addmm_(pc.t(), hc[s:e])
                     else:
-                        if pc.dtype == acc:  # accumulated in place: no (V, H) temporary
-                            p_h.addmm_(pc.t(), hc[s:e])
-                        else:
-                            p_h += rows_product(pc, hc[s:e])
-                        p_sum += p.sum(dim=0)
+                        p_h += rows_product(pc, hc[s:e])
         if need_grad:
             ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)
             ctx.smoothing = smoothing

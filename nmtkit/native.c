@@ -2,13 +2,16 @@
  * file; every function computes what the PyTorch expression named in its comment computes, and
  * tests/test_native.py checks it against that expression).
  *
- * Arrays are fp32, row-major; an "ld" argument is the distance in floats between the starts of
- * two consecutive rows, so that a row slice of a larger tensor needs no copy. Rows are split
- * among the calling process's OpenMP threads (the same libgomp pool torch uses) when there are
- * enough elements for that to pay.
+ * Arrays are fp32 (or bf16 where a "_bf16" flag says so), row-major; an "ld" argument is the
+ * distance in elements between the starts of two consecutive rows, so that a row slice of a larger
+ * tensor needs no copy. Rows are split among the calling process's OpenMP threads (the same
+ * libgomp pool torch uses) when there are enough elements for that to pay.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
 
 #define PARALLEL_MIN_ELEMENTS 16384
 
@@ -31,31 +34,66 @@ static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_clamped(-x)); 
 /* tanh(x) = 2σ(2x) − 1 (absolute error ≤ 2.4e-7, as nmtkit.kernels.tanh) */
 static inline float tanh_by_sigmoid(float x) { return 2.0f / (1.0f + exp_clamped(-2.0f * x)) - 1.0f; }
 
-/* s = a + e over one row of m gates (e may be NULL: s = a). */
-static inline void sum_row(const float *a, const float *e, float *s, int64_t m) {
-    if (e) {
+/* bf16 <-> fp32. Widening is exact; narrowing rounds to nearest even and keeps NaN a (quiet)
+ * NaN, as torch's float -> bfloat16 conversion does. */
+static inline float from_bf16(uint16_t x) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)x << 16};
+    return v.f;
+}
+static inline uint16_t to_bf16(float x) {
+    union { float f; uint32_t u; } v = {.f = x};
+    uint16_t rounded = (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+    return x != x ? (uint16_t)0x7fc0 : rounded;
+}
+
+/* s = a (+ e) over one row of m values; a and e are fp32 or bf16 (e may be NULL). */
+static inline void widen_row(const void *a, int a_bf16, float *s, int64_t m) {
+    if (a_bf16) {
+        const uint16_t *x = a;
 #pragma omp simd
-        for (int64_t j = 0; j < m; j++) s[j] = a[j] + e[j];
+        for (int64_t j = 0; j < m; j++) s[j] = from_bf16(x[j]);
     } else {
-#pragma omp simd
-        for (int64_t j = 0; j < m; j++) s[j] = a[j];
+        memcpy(s, a, m * sizeof(float));
     }
+}
+static inline void add_row(const void *e, int e_bf16, float *s, int64_t m) {
+    if (e_bf16) {
+        const uint16_t *x = e;
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) s[j] += from_bf16(x[j]);
+    } else {
+        const float *x = e;
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) s[j] += x[j];
+    }
+}
+static inline void sum_row(const void *a, int a_bf16, const void *e, int e_bf16, float *s, int64_t m) {
+    widen_row(a, a_bf16, s, m);
+    if (e) add_row(e, e_bf16, s, m);
+}
+static inline void narrow_row(const float *s, uint16_t *out, int64_t m) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; j++) out[j] = to_bf16(s[j]);
+}
+/* The address of row r of a row-major array of fp32 or bf16 elements with row stride ld. */
+static inline const void *row_at(const void *base, int bf16, int64_t r, int64_t ld) {
+    return bf16 ? (const void *)((const uint16_t *)base + r * ld) : (const void *)((const float *)base + r * ld);
 }
 
 /* LSTM cell, torch.nn.LSTMCell's pointwise part (Hochreiter & Schmidhuber 1997; gates i, f, g, o):
  *   a = gates + extra (extra optional, e.g. the step's precomputed input projection)
  *   c' = σ(a_f) ⊙ c + σ(a_i) ⊙ tanh(a_g),  h' = σ(a_o) ⊙ tanh(c')
+ * gates and extra may be bf16 (the products' output under autocast), widened as they are read.
  * Writes h' and c' (n, H) and, for the backward, s = (σ(a_i), σ(a_f), tanh(a_g), σ(a_o)) (n, 4H). */
-void nmt_lstm_forward(int64_t n, int64_t H, const float *gates, int64_t gates_ld, const float *extra,
-                      int64_t extra_ld, const float *c, int64_t c_ld, float *h_out, float *c_out,
-                      float *s_out, int threads) {
+void nmt_lstm_forward(int64_t n, int64_t H, const void *gates, int64_t gates_ld, int gates_bf16,
+                      const void *extra, int64_t extra_ld, int extra_bf16, const float *c, int64_t c_ld,
+                      float *h_out, float *c_out, float *s_out, int threads) {
 #pragma omp parallel for num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t r = 0; r < n; r++) {
-        const float *a = gates + r * gates_ld;
-        const float *e = extra ? extra + r * extra_ld : 0;
         const float *cr = c + r * c_ld;
         float *s = s_out + r * 4 * H, *hr = h_out + r * H, *cn = c_out + r * H;
-        sum_row(a, e, s, 4 * H);
+        sum_row(row_at(gates, gates_bf16, r, gates_ld), gates_bf16,
+                extra ? row_at(extra, extra_bf16, r, extra_ld) : 0, extra_bf16, s, 4 * H);
 #pragma omp simd
         for (int64_t j = 0; j < H; j++) {
             float i = sigmoidf(s[j]), f = sigmoidf(s[H + j]), g = tanh_by_sigmoid(s[2 * H + j]),
@@ -71,15 +109,19 @@ void nmt_lstm_forward(int64_t n, int64_t H, const float *gates, int64_t gates_ld
 /* Its backward. With t = tanh(c') and dc̃ = dc' + dh' ⊙ σ(a_o) ⊙ (1 − t²):
  *   d a = (dc̃ ⊙ tanh(a_g) ⊙ σ'(a_i), dc̃ ⊙ c ⊙ σ'(a_f), dc̃ ⊙ σ(a_i) ⊙ (1 − tanh²(a_g)), dh' ⊙ t ⊙ σ'(a_o)),
  *   dc = dc̃ ⊙ σ(a_f),  σ' = σ (1 − σ).
+ * d a is written as fp32, or rounded to bf16 (d_bf16: the gradient a bf16 product output gets).
  */
 void nmt_lstm_backward(int64_t n, int64_t H, const float *dh, int64_t dh_ld, const float *dc,
                        int64_t dc_ld, const float *s_in, const float *c, int64_t c_ld,
-                       const float *c_new, float *d_gates, float *d_c, int threads) {
-#pragma omp parallel for num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS) schedule(static)
+                       const float *c_new, void *d_gates, int d_bf16, float *d_c, int threads) {
+#pragma omp parallel num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS)
+    {
+    float *row = d_bf16 ? malloc(4 * H * sizeof(float)) : 0; /* fp32 d a of one row, then narrowed */
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < n; r++) {
         const float *s = s_in + r * 4 * H, *cr = c + r * c_ld, *cn = c_new + r * H;
         const float *dhr = dh + r * dh_ld, *dcr = dc + r * dc_ld;
-        float *d = d_gates + r * 4 * H, *dcp = d_c + r * H;
+        float *d = d_bf16 ? row : (float *)d_gates + r * 4 * H, *dcp = d_c + r * H;
 #pragma omp simd
         for (int64_t j = 0; j < H; j++) {
             float i = s[j], f = s[H + j], g = s[2 * H + j], o = s[3 * H + j];
@@ -92,6 +134,9 @@ void nmt_lstm_backward(int64_t n, int64_t H, const float *dh, int64_t dh_ld, con
             d[3 * H + j] = dhv * t * o * (1.0f - o);
             dcp[j] = dct * f;
         }
+        if (d_bf16) narrow_row(row, (uint16_t *)d_gates + r * 4 * H, 4 * H);
+    }
+    free(row);
     }
 }
 
@@ -105,10 +150,9 @@ void nmt_gru_forward(int64_t n, int64_t H, const float *x, int64_t x_ld, const f
                      int threads) {
 #pragma omp parallel for num_threads(threads) if (n * H >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t r = 0; r < n; r++) {
-        const float *a = x + r * x_ld, *hr = hg + r * hg_ld, *hp = h + r * h_ld;
-        const float *e = extra ? extra + r * extra_ld : 0;
+        const float *hr = hg + r * hg_ld, *hp = h + r * h_ld;
         float *s = s_out + r * 3 * H, *ho = h_out + r * H;
-        sum_row(a, e, s, 3 * H);
+        sum_row(x + r * x_ld, 0, extra ? extra + r * extra_ld : 0, 0, s, 3 * H);
 #pragma omp simd
         for (int64_t j = 0; j < H; j++) {
             float rg = sigmoidf(s[j] + hr[j]), z = sigmoidf(s[H + j] + hr[H + j]);
@@ -139,5 +183,75 @@ void nmt_gru_backward(int64_t n, int64_t H, const float *dh, int64_t dh_ld, cons
             dg[j] = dr, dg[H + j] = dz, dg[2 * H + j] = dn * rg;
             dhp[j] = g * z;
         }
+    }
+}
+
+/* Softmax cross-entropy over the rows of a chunk of logits z (n, V) (fp32 or bf16, row stride
+ * z_ld) with targets y (Luong eq. 6 / Bahdanau eq. 4 output layer; the loss of nmtkit.model's
+ * _GeneratorNLL). Per row, with m = max_v z_v, S = Σ_v exp(z_v − m) and lse = m + log S:
+ *   nll[r] = lse − z_y,   uni[r] = lse − mean_v z_v   (uni may be NULL: not wanted),
+ *   p = exp(z − m) / S    written to p_out (fp32, may be z itself, or rounded to bf16; NULL: not wanted),
+ *   p_sum[v] += Σ_r p_v   (fp32 p before any rounding; p_sum may be NULL).
+ * One read of z and one write of p per row: the row's exp(z − m) stays in a cache-resident
+ * buffer. Rows are split over the threads statically and the column sums added in thread order,
+ * so the result depends on the thread count only, not on timing. */
+void nmt_softmax_xent(int64_t n, int64_t V, const void *z, int64_t z_ld, int z_bf16, const int64_t *y,
+                      float *nll, float *uni, void *p_out, int p_bf16, float *p_sum, int threads) {
+    int nt = n * V >= PARALLEL_MIN_ELEMENTS ? threads : 1;
+    float *partial = p_sum ? calloc((size_t)nt * V, sizeof(float)) : 0; /* (nt, V) column sums */
+#pragma omp parallel num_threads(nt)
+    {
+    float *e = malloc(V * sizeof(float)); /* exp(z − m) of the row */
+    float *col = partial ? partial + (int64_t)omp_get_thread_num() * V : 0;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const void *zr = row_at(z, z_bf16, r, z_ld);
+        widen_row(zr, z_bf16, e, V);
+        float m = -INFINITY, total = 0.0f, sum_z = 0.0f;
+        int has_nan = 0;
+#pragma omp simd reduction(max : m) reduction(+ : sum_z) reduction(| : has_nan)
+        for (int64_t v = 0; v < V; v++) {
+            m = e[v] > m ? e[v] : m;
+            sum_z += e[v];
+            has_nan |= e[v] != e[v];
+        }
+        if (has_nan) m = NAN;
+        float z_y = e[y[r]];
+#pragma omp simd reduction(+ : total)
+        for (int64_t v = 0; v < V; v++) {
+            e[v] = exp_clamped(e[v] - m);
+            total += e[v];
+        }
+        float lse = m + logf(total);
+        nll[r] = lse - z_y;
+        if (uni) uni[r] = lse - sum_z / (float)V;
+        if (p_out) {
+            if (p_bf16) {
+                uint16_t *p = (uint16_t *)p_out + r * V;
+#pragma omp simd
+                for (int64_t v = 0; v < V; v++) {
+                    e[v] = e[v] / total;
+                    p[v] = to_bf16(e[v]);
+                }
+            } else {
+                float *p = (float *)p_out + r * V;
+#pragma omp simd
+                for (int64_t v = 0; v < V; v++) e[v] = p[v] = e[v] / total;
+            }
+            if (col) {
+#pragma omp simd
+                for (int64_t v = 0; v < V; v++) col[v] += e[v];
+            }
+        }
+    }
+    free(e);
+    }
+    if (partial) {
+        for (int t = 0; t < nt; t++) {
+            const float *col = partial + (int64_t)t * V;
+#pragma omp simd
+            for (int64_t v = 0; v < V; v++) p_sum[v] += col[v];
+        }
+        free(partial);
     }
 }

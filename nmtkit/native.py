@@ -33,10 +33,11 @@ FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {  # argument types of the C functions
-    "nmt_lstm_forward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
-    "nmt_lstm_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int],
+    "nmt_lstm_forward": [_i64, _i64, _ptr, _i64, _int, _ptr, _i64, _int, _ptr, _i64, _ptr, _ptr, _ptr, _int],
+    "nmt_lstm_backward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _int, _ptr, _int],
     "nmt_gru_forward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _int],
     "nmt_gru_backward": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
+    "nmt_softmax_xent": [_i64, _i64, _ptr, _i64, _int, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _int],
 }
 
 
@@ -102,10 +103,13 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
-def applies(*tensors: torch.Tensor | None) -> bool:
-    """Whether the C kernels take these tensors (None: an absent optional input): fp32 on the CPU,
-    2-D, unit stride along the last dim."""
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 2
+FP32, EITHER = (torch.float32,), (torch.float32, torch.bfloat16)
+
+
+def applies(*tensors: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = FP32) -> bool:
+    """Whether the C kernels take these tensors (None: an absent optional input): ``dtypes`` (fp32;
+    EITHER: fp32 or bf16) on the CPU, 2-D, unit stride along the last dim."""
+    return all(t is None or (t.dtype in dtypes and t.device.type == "cpu" and t.dim() == 2
                              and t.stride(1) == 1) for t in tensors) and library() is not None
 
 
@@ -114,30 +118,37 @@ def _rows(t: torch.Tensor | None) -> tuple[int | None, int]:
     return (None, 0) if t is None else (t.data_ptr(), t.stride(0))
 
 
+def _typed_rows(t: torch.Tensor | None) -> tuple[int | None, int, int]:
+    """(address, row stride, whether bf16) of an fp32 or bf16 2-D tensor, or (None, 0, 0) for None."""
+    return (*_rows(t), int(t is not None and t.dtype == torch.bfloat16))
+
+
 def _unit_columns(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
 def lstm_forward(gates: torch.Tensor, extra: torch.Tensor | None, c: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """gates, extra (n, 4H) (extra may be None), c (n, H) fp32 -> h', c' (n, H) and
-    s (n, 4H) = (σ(i), σ(f), tanh(g), σ(o)) of a = gates + extra, for ``lstm_backward``."""
+    """gates, extra (n, 4H) fp32 or bf16 (extra may be None), c (n, H) fp32 -> h', c' (n, H) and
+    s (n, 4H) = (σ(i), σ(f), tanh(g), σ(o)) of a = gates + extra (in fp32), for ``lstm_backward``."""
     n, H = c.shape
     h_out, c_out, s = c.new_empty(n, H), c.new_empty(n, H), c.new_empty(n, 4 * H)
-    library().nmt_lstm_forward(n, H, *_rows(gates), *_rows(extra), *_rows(c), h_out.data_ptr(), c_out.data_ptr(),
-                               s.data_ptr(), torch.get_num_threads())
+    library().nmt_lstm_forward(n, H, *_typed_rows(gates), *_typed_rows(extra), *_rows(c), h_out.data_ptr(),
+                               c_out.data_ptr(), s.data_ptr(), torch.get_num_threads())
     return h_out, c_out, s
 
 
 def lstm_backward(dh: torch.Tensor | None, dc: torch.Tensor | None, s: torch.Tensor, c: torch.Tensor,
-                  c_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upstream dh', dc' (n, H) (None: zero) and what ``lstm_forward`` kept -> d gates (n, 4H), dc (n, H)."""
+                  c_new: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream dh', dc' (n, H) (None: zero) and what ``lstm_forward`` kept -> d gates (n, 4H) in
+    ``dtype`` (fp32, or bf16: rounded as torch rounds), dc (n, H) fp32."""
     n, H = c.shape
     dh = c.new_zeros(n, H) if dh is None else _unit_columns(dh)
     dc = c.new_zeros(n, H) if dc is None else _unit_columns(dc)
-    d_gates, d_c = s.new_empty(n, 4 * H), c.new_empty(n, H)
+    d_gates, d_c = s.new_empty(n, 4 * H, dtype=dtype), c.new_empty(n, H)
     library().nmt_lstm_backward(n, H, *_rows(dh), *_rows(dc), s.data_ptr(), *_rows(c), c_new.data_ptr(),
-                                d_gates.data_ptr(), d_c.data_ptr(), torch.get_num_threads())
+                                d_gates.data_ptr(), int(dtype == torch.bfloat16), d_c.data_ptr(),
+                                torch.get_num_threads())
     return d_gates, d_c
 
 
@@ -162,3 +173,27 @@ def gru_backward(dh: torch.Tensor, s: torch.Tensor, hg: torch.Tensor, h: torch.T
     library().nmt_gru_backward(n, H, *_rows(dh), s.data_ptr(), *_rows(hg), *_rows(h), d_x.data_ptr(),
                                d_hg.data_ptr(), d_h.data_ptr(), torch.get_num_threads())
     return d_x, d_hg, d_h
+
+
+def softmax_xent(z: torch.Tensor, target: torch.Tensor, uniform: bool, p_dtype: torch.dtype | None,
+                 p_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Logits z (n, V) fp32 or bf16, targets (n,) -> per row nll = lse − z_y (n,), uni = lse − mean z
+    (n,) if ``uniform`` (else None), and p = softmax(z) (n, V) in ``p_dtype`` (None: not wanted; an
+    fp32 p overwrites an fp32 z); p_sum (V,) fp32, if given, gets p's column sums added."""
+    if p_dtype not in (None, *EITHER):
+        raise ValueError(f"softmax_xent writes p as fp32 or bf16, not {p_dtype}")
+    n, V = z.shape
+    target = target.to(torch.int64).contiguous()
+    nll = z.new_empty(n, dtype=torch.float32)
+    uni = z.new_empty(n, dtype=torch.float32) if uniform else None
+    if p_dtype is None:
+        p = None
+    elif p_dtype == torch.float32 and z.dtype == torch.float32 and z.is_contiguous():
+        p = z
+    else:
+        p = z.new_empty(n, V, dtype=p_dtype)
+    library().nmt_softmax_xent(n, V, *_typed_rows(z), target.data_ptr(), nll.data_ptr(),
+                               None if uni is None else uni.data_ptr(), None if p is None else p.data_ptr(),
+                               int(p_dtype == torch.bfloat16), None if p_sum is None else p_sum.data_ptr(),
+                               torch.get_num_threads())
+    return nll, uni, p

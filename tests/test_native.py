@@ -110,7 +110,7 @@ def test_fused_gru_cell_autograd_matches_the_pytorch_path():
 def native_off():
     """kernels' PyTorch path: native.applies answers False within the block."""
     applies = native.applies
-    native.applies = lambda *tensors: False
+    native.applies = lambda *tensors, **kw: False
     try:
         yield
     finally:
@@ -138,6 +138,106 @@ def test_fused_lstm_cell_autograd_matches_the_pytorch_path():
     only_h = torch.autograd.grad(kernels.lstm_cell(gates, c)[0].sum(), c)[0]  # c' unused: dc' is None
     torch.testing.assert_close(only_h, torch.autograd.grad(kernels._LSTMCell.apply(gates, c)[0].sum(), c)[0],
                                atol=2e-6, rtol=0)
+
+
+def bf16_edge_values() -> torch.Tensor:
+    """fp32 values across the exponent range, ties at bf16 precision, ±inf, NaN, ±0 and denormals."""
+    torch.manual_seed(4)
+    vals = torch.cat([torch.randn(2000) * torch.exp2(torch.randint(-120, 120, (2000,)).float()),
+                      torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1 + 2**-8, 1 + 3 * 2**-8,
+                                    -(1 + 2**-8), 2**-130, 3 * 2**-140, 2**-126 * (1 - 2**-7)])])
+    return torch.where(vals.abs() < 2**-126, (vals / 2**-147).round() * 2**-147, vals)  # denormals: 4-ulp steps
+
+
+@needs_compiler
+def test_lstm_cell_reads_bf16_and_rounds_its_gradient_as_torch():
+    """bf16 gates and extra are widened exactly (same h', c' as their fp32 values); the gradient in
+    bf16 is the fp32 gradient rounded as torch's .to(bfloat16) rounds (ties to even, NaN, inf,
+    denormals), i.e. what the cast after an fp32 cell gave before."""
+    torch.manual_seed(5)
+    n, H = 21, 40
+    gates, extra, c = (torch.randn(n, 4 * H) * 4).bfloat16(), torch.randn(n, 4 * H).bfloat16(), torch.randn(n, H)
+    got = native.lstm_forward(gates, extra, c)
+    for g, w in zip(got, native.lstm_forward(gates.float(), extra.float(), c)):
+        assert torch.equal(g, w)
+    dh, dc = torch.randn(n, H), torch.randn(n, H)
+    d16, dc16 = native.lstm_backward(dh, dc, got[2], c, got[1], torch.bfloat16)
+    d32, dc32 = native.lstm_backward(dh, dc, got[2], c, got[1])
+    assert d16.dtype == torch.bfloat16 and torch.equal(d16, d32.bfloat16()) and torch.equal(dc16, dc32)
+    # d a_f = dc ⊙ c ⊙ σ(f)(1 − σ(f)) = dc with σ(f) = 1/2, c = 4, dh = 0 (exactly, for normal dc)
+    vals = bf16_edge_values()
+    s = torch.tensor([0.5, 0.5, 0.0, 0.5]).repeat(len(vals), 1)
+    four, zero = torch.full((len(vals), 1), 4.0), torch.zeros(len(vals), 1)
+    d_f = native.lstm_backward(zero, vals[:, None].clone(), s, four, zero, torch.bfloat16)[0][:, 1]
+    d_f32 = native.lstm_backward(zero, vals[:, None].clone(), s, four, zero)[0][:, 1]
+    assert torch.equal(d_f32[vals.isfinite() & (vals.abs() >= 2**-126)], vals[vals.isfinite() & (vals.abs() >= 2**-126)])
+    want = d_f32.bfloat16()
+    assert bool(((d_f.view(torch.int16) == want.view(torch.int16)) | (d_f.isnan() & want.isnan())).all())
+
+
+@needs_compiler
+@pytest.mark.parametrize("extra_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_lstm_cell_autograd_gives_gradients_in_the_inputs_dtypes(extra_dtype):
+    """Under autograd, bf16 inputs go to the C cell without casts: their gradients come back bf16,
+    equal to the fp32 cell's rounded; an fp32 extra beside bf16 gates gets the unrounded fp32 one."""
+    torch.manual_seed(6)
+    gates = (torch.randn(16, 4 * 8) * 3).bfloat16().requires_grad_()
+    extra = torch.randn(16, 4 * 8).to(extra_dtype).requires_grad_()
+    c = torch.randn(16, 8).requires_grad_()
+    h, c_new = kernels.lstm_cell(gates, c, extra)
+    assert "Native" in type(h.grad_fn).__name__ and h.grad_fn.next_functions[0][0] is not None
+    up = torch.randn_like(h)
+    got = torch.autograd.grad((h * up).sum() + c_new.sum(), (gates, extra, c))
+    wide = [t.detach().float().requires_grad_() for t in (gates, extra, c)]
+    want_h, want_c = kernels.lstm_cell(wide[0], wide[2], wide[1])
+    assert torch.equal(h, want_h) and torch.equal(c_new, want_c)
+    want = torch.autograd.grad((want_h * up).sum() + want_c.sum(), wide)
+    assert [g.dtype for g in got] == [torch.bfloat16, extra_dtype, torch.float32]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+
+
+def softmax_reference(z: torch.Tensor, target: torch.Tensor):
+    """fp64: per-row lse − z_y, lse − mean z, and softmax(z)."""
+    log_p = torch.log_softmax(z.double(), dim=1)
+    return -log_p.gather(1, target.unsqueeze(1)).squeeze(1), -log_p.mean(1), log_p.exp()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 300])  # one thread; rows split over threads
+def test_softmax_xent_equals_log_softmax(dtype, rows):
+    torch.manual_seed(7)
+    V = 1003
+    z = (torch.randn(rows, V) * 6 + torch.randn(rows, 1) * 30).to(dtype)  # rows far from 0: the max shift matters
+    target = torch.randint(0, V, (rows,))
+    want_nll, want_uni, want_p = softmax_reference(z, target)
+    p_sum = torch.full((V,), 2.0)  # added to
+    nll, uni, p = native.softmax_xent(z.clone(), target, True, dtype, p_sum)
+    torch.testing.assert_close(nll.double(), want_nll, atol=2e-5 * (1 + want_nll.abs().max().item()), rtol=0)
+    torch.testing.assert_close(uni.double(), want_uni, atol=2e-5 * (1 + want_uni.abs().max().item()), rtol=0)
+    assert p.dtype == dtype
+    if dtype == torch.bfloat16:  # p rounded once from its fp32 value
+        torch.testing.assert_close(p.double(), want_p, atol=1e-7, rtol=2**-8)
+    else:
+        torch.testing.assert_close(p.double(), want_p, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(p_sum.double(), 2 + want_p.sum(0), atol=1e-5, rtol=1e-5)
+    # no p wanted: z read through a row stride, nothing written to it, the same losses
+    wide = torch.zeros(rows, V + 5, dtype=dtype)
+    wide[:, 2:V + 2] = z
+    before = wide.clone()
+    nll2, uni2, p2 = native.softmax_xent(wide[:, 2:V + 2], target, False, None)
+    assert p2 is None and uni2 is None and torch.equal(wide, before) and torch.equal(nll2, nll)
+
+
+@needs_compiler
+def test_softmax_xent_nan_logits_give_nan_loss():
+    z = torch.zeros(2, 50)
+    z[1, 7] = float("nan")
+    nll, _, p = native.softmax_xent(z, torch.tensor([1, 1]), False, torch.float32)
+    assert torch.isfinite(nll[0]) and torch.isnan(nll[1]) and torch.isnan(p[1]).all()
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        native.softmax_xent(torch.zeros(2, 50), torch.tensor([1, 1]), False, torch.float16)
 
 
 @needs_compiler

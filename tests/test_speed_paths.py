@@ -539,26 +539,32 @@ def test_attention_products_with_the_memory_are_deferred_in_training(decoder, at
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("chunk_rows", [2, 1000])
-def test_generator_loss_equals_cross_entropy(smoothing, chunk_rows, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # fp32 on the CPU: the fused C softmax
+def test_generator_loss_equals_cross_entropy(smoothing, chunk_rows, dtype, monkeypatch):
     """The chunked output layer + loss (and its gradients computed in forward) equals
     F.cross_entropy over generator(h), padding ignored, whether the rows fit one chunk or not."""
     torch.manual_seed(0)
     vocab = 11
     monkeypatch.setattr(nmtkit.model, "LOSS_CHUNK_ELEMENTS", chunk_rows * vocab)
-    generator = torch.nn.Linear(6, vocab).double()
-    h = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    calls = []
+    fused = nmtkit.native.softmax_xent
+    monkeypatch.setattr(nmtkit.native, "softmax_xent", lambda *a: calls.append(a[0].shape) or fused(*a))
+    generator = torch.nn.Linear(6, vocab).to(dtype)
+    h = torch.randn(3, 5, 6, dtype=dtype, requires_grad=True)
     target = torch.randint(1, vocab, (3, 5))
     target[0, 3:] = PAD
     target[2, 1] = target[1, 1]  # a repeated target: its ∂W rows must add up
     loss, nll = generator_loss(h, generator, target, smoothing)
+    assert bool(calls) == (dtype == torch.float32 and nmtkit.native.library() is not None)
     flat = (generator(h).view(-1, vocab), target.view(-1))
     want = F.cross_entropy(*flat, ignore_index=PAD, reduction="sum", label_smoothing=smoothing)
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(nll, F.cross_entropy(*flat, ignore_index=PAD, reduction="sum"))
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(loss, want, **tol)
+    torch.testing.assert_close(nll, F.cross_entropy(*flat, ignore_index=PAD, reduction="sum"), **tol)
     params = (h, generator.weight, generator.bias)
     got = torch.autograd.grad(3 * loss, params)
     for g, expected in zip(got, torch.autograd.grad(3 * want, params)):
-        torch.testing.assert_close(g, expected)
+        torch.testing.assert_close(g, expected, **tol)
     assert not got[0][0, 3:].any()  # padding rows get no gradient
     loss, _ = generator_loss(h, generator, target, smoothing)
     loss.backward(retain_graph=True)
