@@ -485,15 +485,51 @@ def _cat_rows(parts: list[torch.Tensor], slices: int) -> torch.Tensor:
 ONEDNN_MIN_ROWS = 8  # batched products with fewer rows per slice run as one bmm
 
 
-def _mm_t(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _mm_t(x: torch.Tensor, weight: torch.Tensor, packed: list[torch.Tensor] | None = None) -> torch.Tensor:
     """x Wᵀ for x (N, in), W (out, in); batched for x (D, N, in), W (D, out, in): D oneDNN products
     where each is a matrix product (the directions of a biRNN), else one bmm (attention: D sentences,
-    a query or a few per sentence)."""
+    a query or a few per sentence). ``packed``: W (each of its first D slices) in oneDNN's blocked
+    layout (``_StepPacks``)."""
+    if packed is not None:
+        if weight.dim() == 2:
+            return _onednn_linear(x, packed[0], None)
+        return torch.stack([_onednn_linear(x[d], packed[d], None) for d in range(x.size(0))])
     if weight.dim() == 2:
         return linear(x, weight)
     if x.size(1) >= ONEDNN_MIN_ROWS and _onednn_for(x, weight):
         return torch.stack([linear(x[d], weight[d]) for d in range(weight.size(0))])
     return torch.bmm(x, weight.transpose(1, 2))
+
+
+class _StepPacks:
+    """A step weight W in oneDNN's blocked layout, made at a step loop's first product and used by
+    all its steps' forward products x Wᵀ, dropped when the backward starts (``drop``). oneDNN
+    multiplies a packed fp32 weight 10-30 % faster than a plain one on the step shapes (64 rows),
+    and the reorder (a copy of W) is paid once per batch, not at every step: reference-model
+    training +2-4 % (bench/README.md). Packing Wᵀ for the backward's gy W as well gained nothing
+    there (the strided reorder costs what it saves), nor did packing bf16 weights.
+
+    Applies to fp32 CPU products through oneDNN (``_onednn_for``) of 2-D weights, and of 3-D ones
+    whose products each have ``ONEDNN_MIN_ROWS`` rows or more (a biRNN's directions; not
+    attention's per-sentence keys).
+    """
+
+    __slots__ = ("packed",)
+
+    def __init__(self) -> None:
+        self.packed: list[torch.Tensor] | None = None
+
+    def get(self, x: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor] | None:
+        """W's slices packed (one for a 2-D W), or None where packing does not apply."""
+        if (weight.dim() == 3 and x.size(1) < ONEDNN_MIN_ROWS) or not _onednn_for(x, weight):
+            return None
+        if self.packed is None:
+            slices = [weight] if weight.dim() == 2 else weight.unbind(0)
+            self.packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in slices]
+        return self.packed
+
+    def drop(self) -> None:
+        self.packed = None
 
 
 class _WeightNode(Function):
@@ -517,15 +553,17 @@ class _StepLinear(Function):
     """y = x Wᵀ + b for one step; backward returns dx and files (x, gy) in the bank."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, token, bank):
+    def forward(ctx, x, weight, bias, token, bank, packs):
         ctx.in_dtype = x.dtype
         x = x.to(weight.dtype).contiguous()
-        if weight.dim() == 3 and x.size(0) < weight.size(0):  # the first sentences' weights only
-            weight, bias = weight[:x.size(0)], None if bias is None else bias[:x.size(0)]
+        packed = packs.get(x, weight)
+        n = weight.size(0) if weight.dim() == 2 else x.size(0)
+        if weight.dim() == 3 and n < weight.size(0):  # the first sentences' weights only
+            weight, bias = weight[:n], None if bias is None else bias[:n]
         ctx.save_for_backward(x)
-        ctx.weight, ctx.bank = weight, bank
+        ctx.weight, ctx.bank, ctx.packs = weight, bank, packs
         with torch.autocast(weight.device.type, enabled=False):
-            y = _mm_t(x, weight)
+            y = _mm_t(x, weight, packed)
             if bias is not None:
                 y = y.add_(bias.unsqueeze(-2) if weight.dim() == 3 else bias)
         return y
@@ -535,8 +573,9 @@ class _StepLinear(Function):
         (x,) = ctx.saved_tensors
         gy = gy.to(ctx.weight.dtype).contiguous()
         ctx.bank.add(x, gy)
+        ctx.packs.drop()  # the forward is over
         dx = _mm_t(gy, ctx.weight.transpose(-1, -2)).to(ctx.in_dtype)  # gy W
-        return dx, None, None, ctx.weight.new_zeros(0), None
+        return dx, None, None, ctx.weight.new_zeros(0), None, None
 
 
 class SharedLinear:
@@ -558,6 +597,7 @@ class SharedLinear:
         if self.defer:
             self.bank = _Bank(bias is not None, weight.size(0) if weight.dim() == 3 else 0)
             self.token = _WeightNode.apply(weight, bias, self.bank)
+            self.packs = _StepPacks()
             self.w = weight.detach()
             self.b = None if bias is None else bias.detach()
         else:
@@ -565,7 +605,7 @@ class SharedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.defer:
-            return _StepLinear.apply(x, self.w, self.b, self.token, self.bank)
+            return _StepLinear.apply(x, self.w, self.b, self.token, self.bank, self.packs)
         x = x.to(self.w.dtype)
         if self.w.dim() == 3:
             n = x.size(0)  # the first n slices (sentences may have left the batch)

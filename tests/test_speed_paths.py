@@ -353,6 +353,34 @@ def test_shared_linear_equals_linear_values_and_gradients(batched, steps):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_shared_linear_packs_fp32_weights_for_the_forward_only(batched):
+    """fp32 on the CPU: the forward products use W packed once (oneDNN's blocked layout), with the
+    same values as the plain product; the pack is dropped when the backward starts, and values and
+    gradients equal fp64's up to fp32 rounding."""
+    if kernels._onednn_op() is None:
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(1)
+    shape = (2, 16, 12) if batched else (16, 12)
+    weight = torch.randn(*shape, requires_grad=True)
+    xs = [torch.randn(*shape[:-2], 9, 12, requires_grad=True) for _ in range(20)]  # 9 rows: ≥ ONEDNN_MIN_ROWS
+    shared = SharedLinear(weight)
+    ys = [shared(x) for x in xs]
+    assert shared.packs.packed is not None and len(shared.packs.packed) == (2 if batched else 1)
+    for x, y in zip(xs, ys):
+        assert torch.equal(y, torch.stack([kernels.linear(x[d], weight[d]) for d in range(2)]) if batched
+                           else kernels.linear(x, weight))
+    ups = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(sum((y * u).sum() for y, u in zip(ys, ups)), [weight, *xs])
+    assert shared.packs.packed is None
+    w64 = weight.detach().double().requires_grad_()
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    want = torch.autograd.grad(sum((torch.matmul(x, w64.transpose(-1, -2)) * u.double()).sum() for x, u in zip(x64, ups)),
+                               [w64, *x64])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-5)
+
+
 def _stacked(rnn: str, extra: int = 6) -> StackedRNN:
     torch.manual_seed(0)
     return StackedRNN(rnn, input_size=4, extra_size=extra, hidden_size=5, layers=2, dropout=0.0).eval()
