@@ -355,9 +355,8 @@ def main() -> None:
             o = out / f"{kit}-one.txt"
             one = (lambda: translate_nmtkit(nm, RUNS / "test1.en", o, 1, False)) if kit == "nmtkit" else (
                 lambda: translate_onmt(models["onmt"], RUNS / "test1.en", o, 1, False))
-            if r == 1:  # untimed: a toolkit's first start reads its environment from disk (19.6 s for
-                one()   # OpenNMT-py after --skip-train), which would be subtracted from every run below
-            res = one()
+            one()  # untimed: a start that reads the toolkit from disk, not the page cache (19.6 s for
+            res = one()  # OpenNMT-py after --skip-train; the VM drops its page cache between rounds)
             startup[kit] = res["wall"]
             add(f"startup_{kit}", res)
         for kit, precision, quantize, beam, forced in runs:
