@@ -146,6 +146,27 @@ def rows_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.t().mm(b) if dim == 0 else torch.bmm(a.transpose(1, 2), b)
 
 
+def add_rows_product(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + aᵀ b for a (N, p), b (N, q) (``rows_product``), accumulated in fp32 (fp64 for fp64):
+    in place into acc (p, q), or a new (p, q) where acc is None. A sum of such products over chunks
+    of rows (the output layer's Σ_i p_i h_iᵀ, nmtkit.model._GeneratorNLL).
+
+    fp32 (and fp64) a, b: ``acc.addmm_``, in place, no (p, q) temporary. (oneDNN computes the
+    product as (bᵀ a)ᵀ faster, 14 ms against 23 at 416 x 10 000 x 512, but its temporaries cost
+    the reference model's training 200-300 MiB of peak RSS: bench/README.md.) bf16 a, b: the product
+    in bf16, added by the C kernel without the fp32 copy of it that ``acc.add_`` makes first
+    (``native.accumulate``).
+    """
+    if acc is not None and a.dtype == acc.dtype:
+        return acc.addmm_(a.t(), b)
+    product = rows_product(a, b)  # (p, q) in a's dtype
+    if acc is None:
+        return wide(product)
+    if native.applies(acc, product, dtypes=native.EITHER):
+        return native.accumulate(acc, product)
+    return acc.add_(product)
+
+
 class _OneDNNLinear(Function):
     """y = x Wᵀ + b; backward dx = gy W through oneDNN, dW = gyᵀ x and db = Σ gy as torch does them
     (a reduction over all rows: MKL is as fast there)."""

@@ -13,7 +13,7 @@ from nmtkit import native
 from nmtkit.config import ModelConfig
 from nmtkit.decoders import DecoderState
 from nmtkit.encoders import EncoderOutput
-from nmtkit.kernels import Linear, argmax_logits, bucket_rows, compute_dtype, linear, rows_product, wide
+from nmtkit.kernels import Linear, add_rows_product, argmax_logits, bucket_rows, compute_dtype, linear, wide
 from nmtkit.registry import BRIDGES, DECODERS, ENCODERS
 from nmtkit.tokenizer import PAD
 
@@ -226,12 +226,7 @@ class _GeneratorNLL(torch.autograd.Function):
                         p_sum = p.sum(dim=0) if p_sum is None else p_sum.add_(p.sum(dim=0))
                 if need_grad:
                     p_w[s:e] = linear(pc, w.t())  # p W
-                    if p_h is None:
-                        p_h = rows_product(pc, hc[s:e]).to(acc)
-                    elif pc.dtype == acc:  # accumulated in place: no (V, H) temporary
-                        p_h.addmm_(pc.t(), hc[s:e])
-                    else:
-                        p_h += rows_product(pc, hc[s:e])
+                    p_h = add_rows_product(p_h, pc, hc[s:e])  # Σ p hᵀ in fp32
         if need_grad:
             ctx.save_for_backward(h, weight, target, p_w, p_h, p_sum)
             ctx.smoothing = smoothing

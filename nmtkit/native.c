@@ -255,3 +255,12 @@ void nmt_softmax_xent(int64_t n, int64_t V, const void *z, int64_t z_ld, int z_b
         free(partial);
     }
 }
+
+/* acc += x over n rows of m values, acc fp32, x fp32 or bf16 (widened as read, exactly): torch's
+ * acc.add_(x) without the fp32 copy of a bf16 x that it makes first. Rows split over the threads. */
+void nmt_accumulate(int64_t n, int64_t m, float *acc, int64_t acc_ld, const void *x, int64_t x_ld, int x_bf16,
+                    int threads) {
+    int nt = n * m >= PARALLEL_MIN_ELEMENTS ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < n; r++) add_row(row_at(x, x_bf16, r, x_ld), x_bf16, acc + r * acc_ld, m);
+}

@@ -38,6 +38,7 @@ _SIGNATURES = {  # argument types of the C functions
     "nmt_gru_forward": [_i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _int],
     "nmt_gru_backward": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
     "nmt_softmax_xent": [_i64, _i64, _ptr, _i64, _int, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _int],
+    "nmt_accumulate": [_i64, _i64, _ptr, _i64, _ptr, _i64, _int, _int],
 }
 
 
@@ -197,3 +198,13 @@ def softmax_xent(z: torch.Tensor, target: torch.Tensor, uniform: bool, p_dtype: 
                                int(p_dtype == torch.bfloat16), None if p_sum is None else p_sum.data_ptr(),
                                torch.get_num_threads())
     return nll, uni, p
+
+
+def accumulate(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc += x in place for acc (n, m) fp32 and x (n, m) fp32 or bf16 (``applies`` to both);
+    returns acc. Same values as ``acc.add_(x)``, without the fp32 copy of x torch makes first."""
+    if acc.dtype != torch.float32 or acc.shape != x.shape:
+        raise ValueError(f"accumulate adds {tuple(x.shape)} {x.dtype} into fp32 of the same shape, "
+                         f"not {tuple(acc.shape)} {acc.dtype}")
+    library().nmt_accumulate(*acc.shape, *_rows(acc), *_typed_rows(x), torch.get_num_threads())
+    return acc

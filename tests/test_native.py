@@ -308,3 +308,17 @@ def test_without_a_compiler_everything_falls_back(tmp_path):
     assert off.returncode == 0 and off.stderr == ""
     assert off.stdout == broken.stdout
     assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 300])  # one thread; rows split over threads
+def test_accumulate_equals_torch_add(dtype, rows):
+    torch.manual_seed(3)
+    acc = torch.randn(rows, 70)[:, 3:67]  # a row stride wider than the row
+    x = torch.randn(rows, 80).to(dtype)[:, 5:69]
+    want = acc.clone().add_(x)
+    assert native.accumulate(acc, x) is acc
+    assert torch.equal(acc, want)  # widening is exact: one fp32 addition per element, as torch's
+    with pytest.raises(ValueError, match="fp32 of the same shape"):
+        native.accumulate(acc[:-1], x)

@@ -975,3 +975,23 @@ def test_bf16_products_run_on_bucketed_rows_and_equal_torch():
     with MatmulShapes() as record:
         kernels.rows_product(torch.randn(37, 6), torch.randn(37, 5))  # fp32: MKL, no padding
     assert record.shapes == [((6, 37), (37, 5))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_add_rows_product_sums_chunk_products_in_a_wide_accumulator(dtype):
+    """Σ over chunks of aᵀ b (the output layer's Σ p hᵀ): fp32 and fp64 accumulated in place,
+    bf16 products (rows padded to a bucket) added into fp32; equal to the sum in fp64."""
+    torch.manual_seed(0)
+    chunks = [(torch.randn(n, 9, dtype=dtype), torch.randn(n, 7, dtype=dtype)) for n in (16, 16, 37)]
+    with MatmulShapes() as record:
+        first = acc = kernels.add_rows_product(None, *chunks[0])
+        for a, b in chunks[1:]:
+            acc = kernels.add_rows_product(acc, a, b)
+    want = sum(a.double().t().mm(b.double()) for a, b in chunks)
+    assert acc is first and acc.dtype == kernels.wide(chunks[0][0]).dtype and acc.shape == (9, 7)  # in place
+    if dtype == torch.bfloat16:  # each chunk's product rounded to bf16 once, then summed exactly
+        want = sum(a.t().mm(b).double() for a, b in chunks)
+        assert record.shapes[-1] == ((9, 40), (40, 7))  # 37 rows padded to 40
+    else:  # the first product by mm, the others by addmm_ into the accumulator
+        assert record.shapes == [((9, 16), (16, 7))]
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-5)
