@@ -5,6 +5,7 @@ largest 64-sentence batch of the reference model (see profile_train.py).
     python bench/memory_train.py [--data runs/bench/data] [--precision fp32] [--steps 2]
     python bench/memory_train.py --precision bf16 --batches 24   # the first 24 batches instead
     python bench/memory_train.py --live     # also live tensor bytes and glibc's heap after forward
+    python bench/memory_train.py --live --by-shape  # and what the live tensors are, by shape
 
 ``--live`` separates what the tensors need from what the allocator holds: it counts the bytes of
 every tensor storage alive (created under a dispatch mode, freed when the storage is) and reads
@@ -44,6 +45,7 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.sizes: dict[int, int] = {}  # storage address -> bytes
+        self.kinds: dict[int, tuple] = {}  # storage address -> (shape, dtype) of the tensor that made it
         self.now = self.peak = 0
 
     def add(self, t) -> None:
@@ -54,12 +56,25 @@ class LiveBytes(TorchDispatchMode):
         if size == 0 or key in self.sizes:
             return
         self.sizes[key] = size
+        self.kinds[key] = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
         self.now += size
         self.peak = max(self.peak, self.now)
         weakref.finalize(storage, self._freed, key)
 
     def _freed(self, key: int) -> None:
         self.now -= self.sizes.pop(key, 0)
+        self.kinds.pop(key, None)
+
+    def by_shape(self, top: int = 12) -> str:
+        """The live bytes grouped by tensor shape and dtype, largest groups first (MiB x count)."""
+        groups: dict[tuple, list[int]] = {}
+        for key, size in self.sizes.items():
+            group = groups.setdefault(self.kinds[key], [0, 0])
+            group[0] += size
+            group[1] += 1
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+        return "\n".join(f"{'':<12} {size / 2**20:7.1f} MiB = {count:4d} x {shape} {dtype}"
+                         for (shape, dtype), (size, count) in ranked)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -89,6 +104,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=0,
                     help="0: the largest batch --steps times; N: the epoch's first N batches (shapes vary)")
     ap.add_argument("--live", action="store_true", help="count live tensor bytes and read glibc's heap")
+    ap.add_argument("--by-shape", action="store_true", help="with --live: the live tensors after forward, by shape")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rss("import")
@@ -115,6 +131,8 @@ def main() -> None:
                 rss(f"forward {step}")
                 if args.live:
                     print(f"{'':<12} {heap(live)}")
+                if args.live and args.by_shape:
+                    print(live.by_shape())
             (loss / batch.target_tokens).backward()
             if not args.batches:
                 rss(f"backward {step}")
