@@ -255,14 +255,17 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
-def _advise_file_pages(tensors: tuple[torch.Tensor | None, ...], advice: int) -> None:
+def _advise_file_pages(tensors: tuple[torch.Tensor | None, ...], advice: int,
+                       files: list[tuple[int, int]] | None = None) -> None:
     """madvise(advice) over the whole pages of these CPU tensors that lie in file mappings; memory
-    not backed by a file is never advised. A no-op where unsupported."""
+    not backed by a file is never advised. A no-op where unsupported. ``files``: the mappings as
+    ``_file_mappings`` gave them after these tensors were made (they cannot have changed under
+    a live tensor; each read of /proc/self/maps costs ~3 ms), else read here."""
     madvise, page = _madvise(), resource.getpagesize()
     tensors = [t for t in tensors if t is not None and t.device.type == "cpu"]
     if madvise is None or not tensors:
         return
-    files = _file_mappings()
+    files = _file_mappings() if files is None else files
     for t in tensors:
         if t.is_contiguous():  # the tensor's own bytes (a slice of rows: those rows only)
             first, nbytes = t.data_ptr(), t.numel() * t.element_size()
@@ -276,15 +279,16 @@ def _advise_file_pages(tensors: tuple[torch.Tensor | None, ...], advice: int) ->
                 madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), advice)
 
 
-def page_out(*tensors: torch.Tensor | None) -> None:
+def page_out(*tensors: torch.Tensor | None, files: list[tuple[int, int]] | None = None) -> None:
     """Ask the kernel to reclaim the memory pages of these CPU tensors that are backed by a file
     (madvise MADV_PAGEOUT), i.e. weights read from a memory-mapped checkpoint that translation has
     replaced by derived copies (oneDNN-packed, fused, int8, bf16). Clean file pages are dropped and
     read again from the file if ever touched; contents never change, so this costs at most time.
     Memory not backed by a file (a model built or converted in this process) is left alone: without
     swap it could not go anywhere, and with swap it would be written out and read back.
+    ``files``: see ``_advise_file_pages``.
     """
-    _advise_file_pages(tensors, _MADV_PAGEOUT)
+    _advise_file_pages(tensors, _MADV_PAGEOUT, files)
 
 
 _MADV_DONTNEED = 4
@@ -403,11 +407,12 @@ class ArgmaxScreen:
         self.weight, self.bias = weight, bias  # (V, K), (V,) fp32: the candidates' exact logits
         padded = weight.new_zeros(V + pad, K, dtype=torch.bfloat16)  # one bf16 temporary
         self.row_norm = 0.0
+        files = _file_mappings()  # read once: the mapping of ``weight`` lives as long as it does
         for start in range(0, V, 1024):  # never all fp32 rows resident at once (mapped checkpoint)
             rows = weight[start:start + 1024]  # (≤ 1024, K)
             padded[start:start + len(rows)] = rows
             self.row_norm = max(self.row_norm, float(rows.norm(dim=1).max()))
-            page_out(rows)
+            page_out(rows, files=files)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(padded)  # (V + pad, K) blocked
         del padded
         self.padded_bias = torch.cat([bias, bias.new_full((pad,), -math.inf)])  # (V + pad,)

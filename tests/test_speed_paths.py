@@ -237,6 +237,25 @@ def test_releasing_advises_only_file_backed_pages(tmp_path, monkeypatch, release
     assert sum(n for _, n in calls) >= last - first - 2 * page
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_page_out_with_mappings_read_once_advises_the_same_pages(tmp_path, monkeypatch):
+    """``files`` read once (ArgmaxScreen's loop over row blocks) gives the same advice as reading
+    /proc/self/maps per call, and only the given mappings are used."""
+    calls = []
+    monkeypatch.setattr(kernels, "_madvise", lambda: lambda addr, size, advice: calls.append((addr.value, size.value)))
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(1000, 4096)}, path)
+    w = torch.load(path, mmap=True, weights_only=True)["w"]
+    kernels.page_out(w[10:20])
+    each_time = list(calls)
+    calls.clear()
+    kernels.page_out(w[10:20], files=kernels._file_mappings())
+    assert each_time and calls == each_time
+    calls.clear()
+    kernels.page_out(w[10:20], files=[])
+    assert calls == []
+
+
 def test_tanh_is_torch_tanh():
     x = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([0.0, 1e-30, -1e-7, 1e-4])]).requires_grad_()
     got, want = kernels.tanh(x), torch.tanh(x)
