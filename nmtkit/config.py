@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from nmtkit.errors import UsageError
 
@@ -176,6 +175,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe as a plain dict (errors name the file)."""
+    import yaml  # here, not at the top: ~16 ms that `translate` and `score` never need
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -190,6 +191,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a config dict."""
+    import yaml
+
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, name = key.partition(".")

@@ -1,10 +1,13 @@
 """The command line end to end, as a user runs it: preprocess -> train -> translate -> score -> align."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import reverse_pairs, run_cli
+from conftest import ROOT, reverse_pairs, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +90,18 @@ def test_exit_codes_and_one_line_errors(cli_run, tmp_path):
     combo = run_cli("train", str(cli_run / "data"), "--save", str(tmp_path / "m"), "--attention", "none",
                     check=False)
     assert combo.returncode == 2 and "go together" in combo.stderr
+
+
+def test_translate_imports_nothing_it_does_not_need(trained_reverse):
+    """Start-up: one sentence through `nmtkit translate` imports no pydantic (typer 0.29 builds a
+    pydantic adapter per option: ~0.1 s), no yaml (recipes are a training matter) and no
+    torch._dynamo, and still translates."""
+    code = ("import atexit, sys; from nmtkit.cli import main; sys.argv = ['nmtkit', *sys.argv[1:]]\n"
+            "heavy = ('pydantic', 'yaml', 'torch._dynamo')\n"
+            "atexit.register(lambda: print('loaded:', *[m for m in heavy if m in sys.modules], flush=True))\n"
+            "main()")
+    out = subprocess.run([sys.executable, "-c", code, "translate", "-m", str(trained_reverse / "best.pt")],
+                         input="w3 w7 w1\n", capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.splitlines()
+    assert len(out) == 2 and out[0].startswith("V")
+    assert out[1] == "loaded:"
