@@ -239,6 +239,15 @@ def train_onmt(steps: int, tag: str) -> dict:
     return {**result, **onmt_windows(log, steps), "model": str(save / f"model_step_{steps}.pt")}
 
 
+def last_onmt_checkpoint(run: Path) -> str:
+    """The OpenNMT-py checkpoint of the most steps in ``run`` (--skip-train reuses it whatever
+    --steps the training run had)."""
+    saved = sorted(run.glob("model_step_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not saved:
+        raise SystemExit(f"--skip-train: no OpenNMT-py checkpoint (model_step_N.pt) in {run}; run without it first")
+    return str(saved[-1])
+
+
 def onmt_windows(log: Path, steps: int) -> dict:
     windows = []
     for m in STEP.finditer(log.read_text(errors="replace")):
@@ -335,8 +344,9 @@ def main() -> None:
                 add("train_onmt_fp32", res)
                 models.setdefault("onmt", res["model"])
         else:
-            models = {"nmtkit_fp32": str(RUNS / "nmtkit-fp32-r1" / "best.pt"),
-                      "onmt": str(RUNS / "onmt-r1" / f"model_step_{args.steps}.pt")}
+            models = {"nmtkit_fp32": str(RUNS / "nmtkit-fp32-r1" / "best.pt")}
+            if onmt:
+                models["onmt"] = last_onmt_checkpoint(RUNS / "onmt-r1")
         if args.skip_translate:
             save(results, pad, flops)
             continue

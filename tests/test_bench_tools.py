@@ -7,10 +7,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import matmul_share  # noqa: E402
+import side_by_side  # noqa: E402
 
 
 def test_products_are_counted_by_shape_and_nothing_else_is():
@@ -51,3 +53,13 @@ def test_int8_products_are_grouped_by_their_weight_not_by_call():
         model[1](x)
     shapes = sorted((matmul_share._shapes(key[1][1]), n) for key, n in counter.count.items())
     assert shapes == [("int8 (4, 8)", 3), ("int8 (6, 8)", 1)]
+
+
+def test_skip_train_finds_the_onmt_checkpoint_of_the_most_steps(tmp_path):
+    """bench/side_by_side.py --skip-train reuses OpenNMT-py's checkpoint whatever --steps trained it
+    (it looked for model_step_200.pt after a 100-step run), and says so when there is none."""
+    with pytest.raises(SystemExit, match="no OpenNMT-py checkpoint"):
+        side_by_side.last_onmt_checkpoint(tmp_path)
+    for steps in (20, 100, 9):
+        (tmp_path / f"model_step_{steps}.pt").write_bytes(b"")
+    assert side_by_side.last_onmt_checkpoint(tmp_path) == str(tmp_path / "model_step_100.pt")
